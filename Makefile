@@ -1,0 +1,37 @@
+# The README's two commands: `make train` and `make test`. Both create .venv once and reuse it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+export NO_ALBUMENTATIONS_UPDATE := 1
+
+.PHONY: setup train test test-fast ui lock clean
+
+setup: $(INSTALLED)
+
+# Reinstall only when the dependency files change. torch goes first and alone, pinned, so
+# nothing later can pull a CUDA build in through a dependency's version range.
+$(INSTALLED): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(INSTALLED)
+
+train: setup
+	$(PY) src/train.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+ui: setup
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+
+# Rewrite constraints.txt from the working venv after a dependency change (then run `make test`).
+lock: setup
+	$(PY) -m pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' > constraints.txt
+
+clean:
+	rm -rf $(VENV) outputs data mlflow.db mlartifacts .pytest_cache

@@ -1,0 +1,4 @@
+from .datamodule import ImageDataModule
+from .sources import ShapesSource
+
+__all__ = ["ImageDataModule", "ShapesSource"]

@@ -1,0 +1,77 @@
+"""The prepared-data cache: decoded uint8 images per split, memory-mapped at training time.
+
+Every data source (the generated shapes, later image folders and CIFAR-10) writes this one
+format, so the data module and the DataLoader workers never decode an image file again:
+
+    <cache_dir>/meta.json            classes, image size, source settings
+    <cache_dir>/<split>_images.npy   (N, H, W, 3) uint8
+    <cache_dir>/<split>_labels.npy   (N,) int64
+
+A cache is written into a temporary folder and renamed into place, so a crash (or two
+processes of a distributed run preparing at once) never leaves a half-written cache behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+META_FILE = "meta.json"
+
+
+def settings_hash(settings: dict) -> str:
+    """A short, stable hash of the settings that determine a cache's content."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def write_cache(cache_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict) -> Path:
+    cache_dir = Path(cache_dir)
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}-", dir=cache_dir.parent))
+    try:
+        for split, (images, labels) in splits.items():
+            np.save(tmp / f"{split}_images.npy", images)
+            np.save(tmp / f"{split}_labels.npy", labels)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        try:
+            os.rename(tmp, cache_dir)
+        except OSError:
+            if not (cache_dir / META_FILE).is_file():  # not just another process finishing first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cache_dir
+
+
+@dataclass(frozen=True)
+class CachedSplit:
+    images: np.ndarray  # (N, H, W, 3) uint8, memory-mapped
+    labels: np.ndarray  # (N,) int64
+
+
+class ImageCache:
+    """Read access to a prepared cache."""
+
+    def __init__(self, cache_dir: Path):
+        self.dir = Path(cache_dir)
+        meta_path = self.dir / META_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"no prepared data at {self.dir} (missing {META_FILE})")
+        self.meta = json.loads(meta_path.read_text())
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    def split(self, name: str) -> CachedSplit:
+        return CachedSplit(
+            images=np.load(self.dir / f"{name}_images.npy", mmap_mode="r"),
+            labels=np.load(self.dir / f"{name}_labels.npy"),
+        )

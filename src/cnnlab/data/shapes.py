@@ -1,0 +1,157 @@
+"""The embedded default dataset: coloured geometric shapes over textured backgrounds.
+
+Nothing can be downloaded on many machines (CI, air-gapped clusters), so the default task is
+generated. Each image holds one shape of a random colour at a random position, scale and
+rotation, over a random texture (smooth noise, stripes or checks) with a random palette, plus
+pixel noise. Some shapes differ only in corner count (pentagon / hexagon), so the task needs
+real shape features, and the randomness makes augmentation matter when few images are given.
+
+Images are rendered at 4x the target size with OpenCV and area-downsampled (anti-aliasing),
+from a seed per split, so the same settings always give the same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import cv2
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+
+
+def _regular_polygon(corners: int, inner_ratio: float | None = None) -> np.ndarray:
+    """Unit-radius polygon; with ``inner_ratio`` a star with alternating inner corners."""
+    points = corners * (2 if inner_ratio else 1)
+    angles = np.pi / 2 + 2 * np.pi * np.arange(points) / points
+    radii = np.ones(points)
+    if inner_ratio:
+        radii[1::2] = inner_ratio
+    return np.stack([radii * np.cos(angles), -radii * np.sin(angles)], axis=1)
+
+
+def _cross(arm: float = 0.33) -> np.ndarray:
+    a = arm
+    return np.array([[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a], [a, 1], [-a, 1],
+                     [-a, a], [-1, a], [-1, -a], [-a, -a]], dtype=float)
+
+
+def _arrow() -> np.ndarray:
+    return np.array([[-1, -0.3], [0.2, -0.3], [0.2, -0.75], [1, 0], [0.2, 0.75], [0.2, 0.3],
+                     [-1, 0.3]], dtype=float)
+
+
+def _draw_polygon(points: np.ndarray) -> Callable:
+    def draw(canvas, center, radius, angle, color):
+        rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+        pts = (points @ rotation.T) * radius + center
+        cv2.fillPoly(canvas, [np.round(pts * 16).astype(np.int32)], color, cv2.LINE_AA, shift=4)
+    return draw
+
+
+def _draw_circle(canvas, center, radius, angle, color):
+    cv2.circle(canvas, _fixed(center), int(radius * 16), color, -1, cv2.LINE_AA, shift=4)
+
+
+def _draw_ring(canvas, center, radius, angle, color):
+    thickness = max(2, int(radius * 0.35))
+    cv2.circle(canvas, _fixed(center), int((radius - thickness / 2) * 16), color, thickness, cv2.LINE_AA, shift=4)
+
+
+def _draw_crescent(canvas, center, radius, angle, color):
+    """A disc minus an offset disc, drawn as a mask so the background shows through."""
+    mask = np.zeros(canvas.shape[:2], np.uint8)
+    cv2.circle(mask, _fixed(center), int(radius * 16), 255, -1, cv2.LINE_AA, shift=4)
+    offset = np.array([math.cos(angle), math.sin(angle)]) * radius * 0.45
+    cv2.circle(mask, _fixed(center + offset), int(radius * 0.85 * 16), 0, -1, cv2.LINE_AA, shift=4)
+    alpha = mask[..., None].astype(np.float32) / 255.0
+    canvas[:] = (canvas * (1 - alpha) + np.asarray(color, np.float32) * alpha).astype(np.uint8)
+
+
+def _fixed(point) -> tuple[int, int]:
+    return int(round(point[0] * 16)), int(round(point[1] * 16))
+
+
+# Class name -> drawing function. The order fixes the label indices.
+SHAPES: dict[str, Callable] = {
+    "circle": _draw_circle,
+    "triangle": _draw_polygon(_regular_polygon(3)),
+    "square": _draw_polygon(_regular_polygon(4)),
+    "pentagon": _draw_polygon(_regular_polygon(5)),
+    "hexagon": _draw_polygon(_regular_polygon(6)),
+    "star": _draw_polygon(_regular_polygon(5, inner_ratio=0.45)),
+    "cross": _draw_polygon(_cross()),
+    "ring": _draw_ring,
+    "crescent": _draw_crescent,
+    "arrow": _draw_polygon(_arrow()),
+}
+
+
+def _texture(rng: np.random.Generator, size: int, contrast: int = 70) -> np.ndarray:
+    """A random RGB background: smooth noise, stripes or checks in a random two-colour palette."""
+    kind = rng.integers(3)
+    if kind == 0:
+        cells = rng.integers(3, 9)
+        field = cv2.resize(rng.random((cells, cells), dtype=np.float32), (size, size), interpolation=cv2.INTER_CUBIC)
+    else:
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+        angle = rng.uniform(0, np.pi)
+        freq = rng.uniform(2, 8)
+        u = xx * math.cos(angle) + yy * math.sin(angle)
+        if kind == 1:
+            field = 0.5 + 0.5 * np.sin(2 * np.pi * freq * u)
+        else:
+            v = -xx * math.sin(angle) + yy * math.cos(angle)
+            field = ((np.floor(u * freq) + np.floor(v * freq)) % 2).astype(np.float32)
+    # A muted palette (two colours close together) keeps the texture a distraction, not a camouflage.
+    low = rng.integers(0, 256, size=3).astype(np.float32)
+    high = np.clip(low + rng.integers(-contrast, contrast + 1, size=3), 0, 255)
+    field = np.clip(field, 0, 1)[..., None]
+    return (low * (1 - field) + high * field).astype(np.uint8)
+
+
+def _luminance(rgb) -> float:
+    return float(np.dot(rgb, (0.299, 0.587, 0.114)))
+
+
+def _shape_color(rng: np.random.Generator, background: np.ndarray) -> tuple[int, int, int]:
+    """A random colour, lighter or darker than the background by a clear luminance step.
+
+    Edges that differ only in hue are hard for a small CNN to pick up in a few epochs, so the
+    shape always stands out in brightness; its hue and the polarity stay random.
+    """
+    background_luminance = _luminance(background.reshape(-1, 3).mean(axis=0))
+    for _ in range(50):
+        color = rng.integers(0, 256, size=3)
+        if abs(_luminance(color) - background_luminance) > 80:
+            break
+    return tuple(int(c) for c in color)
+
+
+def render(rng: np.random.Generator, label: int, size: int, supersample: int = 4) -> np.ndarray:
+    """One (size, size, 3) uint8 image of class ``label``."""
+    big = size * supersample
+    canvas = _texture(rng, big)
+    radius = rng.uniform(0.24, 0.42) * big
+    center = rng.uniform(radius * 0.8, big - radius * 0.8, size=2)
+    angle = rng.uniform(0, 2 * np.pi)
+    draw = list(SHAPES.values())[label]
+    draw(canvas, center, radius, angle, _shape_color(rng, canvas))
+    image = cv2.resize(canvas, (size, size), interpolation=cv2.INTER_AREA)
+    noise = rng.normal(0, 6, image.shape)
+    return np.clip(image + noise, 0, 255).astype(np.uint8)
+
+
+def generate_split(num_images: int, num_classes: int, size: int, seed: int, progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """Balanced, shuffled images and labels of one split, reproducible from ``seed``."""
+    if not 2 <= num_classes <= len(SHAPES):
+        raise ValueError(f"shapes has 2..{len(SHAPES)} classes, got num_classes={num_classes}")
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(num_images) % num_classes).astype(np.int64)
+    images = np.empty((num_images, size, size, 3), np.uint8)
+    for i, label in enumerate(labels):
+        images[i] = render(rng, int(label), size)
+        if progress is not None:
+            progress.update(1)
+    return images, labels

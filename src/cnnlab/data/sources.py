@@ -1,0 +1,37 @@
+"""Data sources: each prepares one dataset into the shared cache format (see cache.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from . import shapes
+from .cache import ImageCache, settings_hash, write_cache
+
+
+class ShapesSource:
+    """The generated shapes dataset (see shapes.py), prepared once per distinct setting."""
+
+    def __init__(self, root: str | Path, num_classes: int = 10, image_size: int = 32,
+                 train_size: int = 5000, val_size: int = 1000, test_size: int = 1000, seed: int = 0):
+        self.root = Path(root)
+        self.settings = {"generator": "shapes-v1", "num_classes": num_classes, "image_size": image_size,
+                         "sizes": {"train": train_size, "val": val_size, "test": test_size}, "seed": seed}
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / f"shapes-{settings_hash(self.settings)}"
+
+    def prepare(self) -> ImageCache:
+        if not (self.cache_dir / "meta.json").is_file():
+            s = self.settings
+            splits = {}
+            with tqdm(total=sum(s["sizes"].values()), desc="Generating shapes", unit="img") as progress:
+                # Each split has its own seed so that changing one split's size leaves the others as they were.
+                for offset, (split, size) in enumerate(s["sizes"].items()):
+                    splits[split] = shapes.generate_split(size, s["num_classes"], s["image_size"],
+                                                          seed=s["seed"] * 1000 + offset, progress=progress)
+            classes = list(shapes.SHAPES)[: s["num_classes"]]
+            write_cache(self.cache_dir, splits, {"classes": classes, "source": s})
+        return ImageCache(self.cache_dir)

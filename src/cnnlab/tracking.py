@@ -1,0 +1,72 @@
+"""MLflow tracking: the store, the run's params and tags, and how to open it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from pytorch_lightning.loggers import MLFlowLogger
+
+
+def sqlite_uri(db_path: str | Path) -> str:
+    return f"sqlite:///{Path(db_path).resolve()}"
+
+
+def mlflow_logger(experiment_name: str, tracking_uri: str | None, default_db: str, artifact_dir: str,
+                  run_name: str | None = None, tags: Mapping[str, str] | None = None,
+                  log_model: bool = True) -> MLFlowLogger:
+    """An MLflow logger on ``tracking_uri`` (e.g. ``http://host:5000``), or on the project's SQLite store.
+
+    For a local store the artifacts go next to it (MLflow would otherwise put them under the
+    directory the run starts in); a server manages its own artifact store.
+    """
+    local = not tracking_uri
+    return MLFlowLogger(
+        experiment_name=experiment_name,
+        run_name=run_name,
+        tracking_uri=sqlite_uri(default_db) if local else tracking_uri,
+        artifact_location=Path(artifact_dir).resolve().as_uri() if local else None,
+        tags={**git_tags(), **(tags or {})},
+        log_model=log_model,
+    )
+
+
+def git_tags() -> dict[str, str]:
+    """The git commit of the code that runs (and whether it had uncommitted changes)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {"mlflow.source.git.commit": commit, "cnnlab.git_dirty": str(bool(dirty)).lower()}
+
+
+def flatten(config: Mapping, prefix: str = "") -> dict[str, object]:
+    """{"a": {"b": 1, "c": [2, 3]}} -> {"a.b": 1, "a.c.0": 2, "a.c.1": 3}: the keys users override."""
+    flat: dict[str, object] = {}
+    items = config.items() if isinstance(config, Mapping) else enumerate(config)
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, (Mapping, list, tuple)) and len(value) > 0:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The exact shell command that opens the MLflow UI on this store."""
+    if not tracking_uri.startswith("sqlite:"):
+        return f"open {tracking_uri} in a browser"
+    mlflow = Path(sys.executable).parent / "mlflow"
+    executable = str(mlflow) if mlflow.exists() else (shutil.which("mlflow") or "mlflow")
+    return f"{executable} ui --backend-store-uri {tracking_uri} --port 5000"
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    base = "http://127.0.0.1:5000" if tracking_uri.startswith("sqlite:") else tracking_uri.rstrip("/")
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"

@@ -1,0 +1,59 @@
+"""One training run, from a composed Hydra config to a tracked, tested model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import MLFlowLogger
+
+from .. import tracking
+from .module import ImageClassifier
+
+
+def command_line() -> str:
+    """The command that reproduces this job (for a sweep: this job's overrides, not the sweep's)."""
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else sys.argv[1:]
+    script = Path(sys.argv[0])
+    script = script.relative_to(Path.cwd()) if script.is_absolute() and script.is_relative_to(Path.cwd()) else script
+    return " ".join(["python", str(script), *overrides])
+
+
+def train(cfg: DictConfig) -> float:
+    """Train, checkpoint, test and track one model; returns the test accuracy (a sweep's objective)."""
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data, augment=instantiate(cfg.augment))
+    module = ImageClassifier(
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        classes=datamodule.classes,
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else None,
+        label_smoothing=cfg.label_smoothing,
+        mean=datamodule.mean,
+        std=datamodule.std,
+    )
+    logger = instantiate(cfg.logger, tags={"cnnlab.command": command_line()}) if cfg.logger else None
+    callbacks = [instantiate(cfg.freeze), *(c for c in instantiate(cfg.callbacks).values() if c is not None)]
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks)
+    if logger is not None:
+        logger.log_hyperparams({**tracking.flatten(OmegaConf.to_container(cfg, resolve=True)), **module.parameter_counts()})
+        logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+
+    trainer.fit(module, datamodule=datamodule)
+    results = trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
+    report(results, trainer, logger)
+    return results["test/acc"]
+
+
+def report(results: dict, trainer: pl.Trainer, logger: MLFlowLogger | None) -> None:
+    summary = ", ".join(f"{name.removeprefix('test/')} {value:.4f}" for name, value in sorted(results.items()))
+    print(f"\nTest accuracy: {results['test/acc']:.4f}  ({summary})")
+    print(f"Best checkpoint: {trainer.checkpoint_callback.best_model_path}")
+    if logger is not None:
+        uri = logger._tracking_uri
+        print(f"MLflow run {logger.run_id}. Open the UI with:\n  {tracking.ui_command(uri)}\n"
+              f"then {tracking.run_url(uri, logger.experiment_id, logger.run_id)}")
