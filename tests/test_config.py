@@ -1,0 +1,75 @@
+"""Config composition, overrides, help and errors, as users meet them on the command line."""
+
+import re
+
+import pytest
+from hydra.utils import instantiate
+
+from conftest import CONF_DIR, run_script
+
+GROUPS = ["model", "scaling", "freeze", "augment", "data", "trainer", "logger", "tta", "paths"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def test_every_required_group_has_a_default(compose):
+    cfg = compose()
+    for group in GROUPS:
+        assert (CONF_DIR / group).is_dir(), group
+        assert group in cfg, group
+
+
+def test_overrides_reach_the_config(compose):
+    cfg = compose("trainer.max_epochs=1", "data.batch_size=64", "seed=3", "optimizer=sgd", "scheduler=one_cycle")
+    assert cfg.trainer.max_epochs == 1
+    assert cfg.data.batch_size == 64
+    assert cfg.seed == 3
+    assert cfg.optimizer._target_ == "torch.optim.SGD"
+    assert cfg.scheduler._target_.endswith("one_cycle")
+
+
+@pytest.mark.parametrize("group", ["augment", "optimizer", "scheduler", "logger", "freeze", "data"])
+def test_every_option_composes(compose, group):
+    for option in options(group):
+        cfg = compose(f"{group}={option}")
+        assert group in cfg
+
+
+def test_augment_entries_instantiate_and_toggle(compose):
+    transforms = instantiate(compose("augment=light").augment)
+    assert type(transforms["mirror"]).__name__ == "HorizontalFlip"
+    assert instantiate(compose("augment=light", "augment.mirror=null").augment)["mirror"] is None
+    assert instantiate(compose("augment=light", "augment.mirror.p=0").augment)["mirror"].p == 0
+
+
+def test_help_lists_every_group_and_its_options():
+    result = run_script("train.py", "--help")
+    assert result.returncode == 0, result.stderr
+    for group in GROUPS:
+        line = re.search(rf"^{group}: (.*)$", result.stdout, re.MULTILINE)
+        assert line, f"group {group} missing from --help"
+        assert line.group(1).split(", ") == options(group)
+
+
+def test_cfg_job_prints_the_resolved_overrides():
+    result = run_script("train.py", "--cfg", "job", "trainer.max_epochs=1", "data.batch_size=64")
+    assert result.returncode == 0, result.stderr
+    assert "max_epochs: 1" in result.stdout
+    assert "batch_size: 64" in result.stdout
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model=nope", "Could not find 'model/nope'"),
+    ("trainer.nope=1", "Key 'nope' is not in struct"),
+])
+def test_wrong_option_or_key_is_a_short_error_not_a_traceback(override, message):
+    result = run_script("train.py", override)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    if override.startswith("model="):
+        assert "Available options in 'model'" in result.stderr
+        for option in options("model"):
+            assert option in result.stderr

@@ -1,0 +1,136 @@
+"""The LightningModule and data module on tiny data: real short trainings, no logger."""
+
+import math
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from torch.utils.data import DataLoader
+
+from cnnlab.data.cache import CachedSplit
+from cnnlab.data.datamodule import CachedImageDataset, seed_worker_transform
+from cnnlab.models import Net
+from cnnlab.training.module import ImageClassifier
+from conftest import tiny_overrides
+
+
+def build(cfg):
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data, augment=instantiate(cfg.augment))
+    module = ImageClassifier(
+        model=OmegaConf.to_container(cfg.model, resolve=True), classes=datamodule.classes,
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else None,
+        label_smoothing=cfg.label_smoothing, mean=datamodule.mean, std=datamodule.std)
+    return datamodule, module
+
+
+def fit(module, datamodule, **trainer_args):
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, **trainer_args)
+    trainer.fit(module, datamodule=datamodule)
+    return trainer
+
+
+def test_default_model_follows_the_contract(compose, tmp_path):
+    _, module = build(compose(*tiny_overrides(tmp_path)))
+    net = module.net
+    assert isinstance(net, Net) and len(net.stages) == 3
+    features = net.forward_features(torch.zeros(2, 3, 32, 32))
+    assert features.shape == (2, 128, 8, 8)
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_width_and_depth_multipliers_scale_the_stage_table(compose, tmp_path):
+    _, base = build(compose(*tiny_overrides(tmp_path)))
+    _, scaled = build(compose(*tiny_overrides(tmp_path), "scaling.width=1.5", "scaling.depth=2"))
+    assert [len(s) for s in scaled.net.stages] == [2, 2, 2]
+    assert scaled.net.head.fc.in_features == 192
+    assert scaled.parameter_counts()["params_total"] > 2 * base.parameter_counts()["params_total"]
+
+
+def test_batches_are_uint8_and_the_module_normalises(compose, tmp_path):
+    datamodule, module = build(compose(*tiny_overrides(tmp_path)))
+    datamodule.setup("fit")
+    images, labels = next(iter(datamodule.train_dataloader()))
+    assert images.dtype == torch.uint8 and images.shape == (16, 3, 32, 32)
+    assert labels.dtype == torch.int64 and labels.max() < 10
+    normalised = (images.float() - module.mean) / module.std
+    assert abs(normalised.mean().item()) < 1.5
+
+
+def test_augmentation_is_reproducible_across_worker_processes(compose, tmp_path):
+    def first_batches(seed):
+        cfg = compose(*tiny_overrides(tmp_path), "data.num_workers=2", f"seed={seed}")
+        datamodule, _ = build(cfg)
+        datamodule.setup("fit")
+        loader = datamodule.train_dataloader()
+        return [images.clone() for images, _ in loader]
+
+    a, b, c = first_batches(1), first_batches(1), first_batches(2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_each_worker_distorts_with_its_own_random_stream(compose, tmp_path):
+    datamodule, _ = build(compose(*tiny_overrides(tmp_path)))
+    datamodule.setup("fit")
+    train = datamodule.datasets["train"]
+    same_image = CachedSplit(images=np.repeat(train.images[:1], 4, axis=0), labels=train.labels[:4])
+    loader = DataLoader(CachedImageDataset(same_image, train.transform), batch_size=1, num_workers=2,
+                        worker_init_fn=seed_worker_transform)
+    first_of_worker0, first_of_worker1 = [images for images, _ in loader][:2]  # workers take batches in turn
+    assert not torch.equal(first_of_worker0, first_of_worker1)
+
+
+def test_optimizer_holds_only_trainable_parameters_without_decay_on_norms(compose, tmp_path):
+    datamodule, module = build(compose(*tiny_overrides(tmp_path), "optimizer=sgd", "scheduler=none"))
+    for p in module.net.stem.parameters():
+        p.requires_grad_(False)
+    optimizer = module.configure_optimizers()
+    decayed, not_decayed = optimizer.param_groups
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert held == {id(p) for p in module.parameters() if p.requires_grad}
+    assert decayed["weight_decay"] == 5e-4 and all(p.ndim > 1 for p in decayed["params"])
+    assert not_decayed["weight_decay"] == 0 and all(p.ndim == 1 for p in not_decayed["params"])
+
+
+def test_sgd_with_cosine_learns_and_anneals(compose, tmp_path):
+    cfg = compose(*tiny_overrides(tmp_path), "optimizer=sgd", "scheduler=cosine", "trainer.max_epochs=3")
+    datamodule, module = build(cfg)
+    trainer = fit(module, datamodule, max_epochs=3)
+    optimizer = trainer.optimizers[0]
+    assert optimizer.param_groups[0]["lr"] < 0.01 * cfg.optimizer.lr  # decayed to near zero at the end
+    assert math.isfinite(trainer.callback_metrics["train/loss"].item())
+    assert {"train/acc", "train/f1", "train/acc_top5", "val/acc", "val/loss"} <= set(trainer.callback_metrics)
+
+
+def test_adamw_with_one_cycle_warms_up_then_decays(compose, tmp_path):
+    cfg = compose(*tiny_overrides(tmp_path), "optimizer=adamw", "scheduler=one_cycle")
+    datamodule, module = build(cfg)
+    lrs = []
+
+    class RecordLr(pl.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    fit(module, datamodule, max_epochs=2, callbacks=[RecordLr()])
+    peak = int(np.argmax(lrs))
+    assert 0 < peak < len(lrs) - 1
+    assert math.isclose(max(lrs), cfg.optimizer.lr, rel_tol=0.05)
+
+
+def test_label_smoothing_raises_the_loss_of_confident_predictions(compose, tmp_path):
+    _, plain = build(compose(*tiny_overrides(tmp_path)))
+    _, smoothed = build(compose(*tiny_overrides(tmp_path), "label_smoothing=0.1"))
+    logits = torch.tensor([[10.0, 0.0, 0.0]])
+    labels = torch.tensor([0])
+    assert smoothed.criterion(logits, labels) > plain.criterion(logits, labels) + 0.1
+
+
+def test_top5_only_with_five_or_more_classes(compose, tmp_path):
+    _, module = build(compose(*tiny_overrides(tmp_path), "data.source.num_classes=4"))
+    assert "test/acc_top5" not in module.test_metrics.keys(keep_base=False) and len(module.classes) == 4

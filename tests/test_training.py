@@ -1,0 +1,137 @@
+"""Real trainings through `python src/train.py`, read back from a real MLflow store."""
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from cnnlab.training.module import ImageClassifier
+from conftest import run_script, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def only_run(client: MlflowClient, experiment: str = "cnnlab"):
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny training run into a fresh SQLite store."""
+    root = tmp_path_factory.mktemp("run")
+    result = run_script("train.py", *tiny_overrides(root), "experiment=cnnlab")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, result
+
+
+def test_run_prints_accuracy_and_how_to_open_mlflow(trained):
+    root, result = trained
+    assert "Test accuracy: " in result.stdout
+    assert f"ui --backend-store-uri sqlite:///{root.resolve()}/mlflow.db" in result.stdout
+    output = result.stdout + result.stderr
+    assert "Generating shapes" in output and "Epoch 0" in output  # progress bars
+
+
+def test_checkpoints_best_and_last_are_in_the_hydra_run_folder(trained):
+    root, _ = trained
+    (run_dir,) = (root / "outputs" / "runs").iterdir()
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    module = ImageClassifier.load_from_checkpoint(run_dir / "checkpoints" / "best.ckpt", map_location="cpu")
+    assert module.classes[:2] == ["circle", "triangle"]
+    assert module(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape == (1, 10)
+
+
+def test_run_logs_params_metrics_artifacts_and_tags(trained):
+    root, _ = trained
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    run = only_run(client)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["trainer.max_epochs"] == "1"
+    assert params["data.source.train_size"] == "64"
+    assert params["model.stages.1.out_chs"] == "64"
+    assert params["optimizer._target_"] == "torch.optim.AdamW"
+    assert int(params["params_total"]) == int(params["params_trainable"]) > 100_000
+    for metric in ["train/loss", "train/acc", "train/f1", "train/acc_top5", "val/loss", "val/acc", "val/f1",
+                   "val/acc_top5", "test/loss", "test/acc", "test/f1", "test/acc_top5"]:
+        assert metric in run.data.metrics, metric
+    assert 0 <= run.data.metrics["test/acc"] <= 1
+    assert run.data.tags["mlflow.source.git.commit"]
+    assert "trainer.max_epochs=1" in run.data.tags["cnnlab.command"]
+    artifacts = artifact_paths(client, run.info.run_id)
+    assert {"config.yaml", "best/best.ckpt", "last/last.ckpt"} <= artifacts
+    config = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(root)))
+    assert "max_epochs: 1" in config.read_text()
+    assert str(root.resolve()) in run.info.artifact_uri  # artifacts next to the store, not in the cwd
+
+
+def test_sweep_runs_one_tracked_job_per_value(tmp_path):
+    result = run_script("train.py", "-m", *tiny_overrides(tmp_path), "seed=1,2", "logger=mlflow")
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("cnnlab").experiment_id])
+    assert sorted(r.data.params["seed"] for r in runs) == ["1", "2"]
+    commands = sorted(r.data.tags["cnnlab.command"] for r in runs)
+    assert ["seed=1" in commands[0], "seed=2" in commands[1]] == [True, True]  # each job's own command
+    assert all("-m" not in c.split() and "seed=1,2" not in c for c in commands)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    mlflow = Path(sys.executable).parent / "mlflow"
+    server = subprocess.Popen(
+        [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "store")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                pytest.fail(f"mlflow server did not start: {server.stderr.read()[-2000:]}")
+            time.sleep(0.5)
+    yield url, tmp_path
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_training_logs_to_an_mlflow_server_over_http(mlflow_server):
+    url, tmp_path = mlflow_server
+    result = run_script("train.py", *tiny_overrides(tmp_path / "project"), env={"MLFLOW_TRACKING_URI": url})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "project" / "mlflow.db").exists()  # nothing went to the local store
+    assert f"{url}/#/experiments/" in result.stdout
+    client = MlflowClient(url)
+    run = only_run(client)
+    assert run.data.params["trainer.max_epochs"] == "1"
+    assert "test/acc" in run.data.metrics
+    assert "best/best.ckpt" in artifact_paths(client, run.info.run_id)
+    assert list((tmp_path / "store").rglob("best.ckpt"))  # stored by the server, not by the client
