@@ -58,6 +58,6 @@ def report(results: dict, trainer: pl.Trainer, logger: MLFlowLogger | None) -> N
     print(f"\nTest accuracy: {results['test/acc']:.4f}  ({summary})")
     print(f"Best checkpoint: {trainer.checkpoint_callback.best_model_path}")
     if logger is not None:
-        uri = logger._tracking_uri
+        uri = logger.experiment.tracking_uri
         print(f"MLflow run {logger.run_id}. Open the UI with:\n  {tracking.ui_command(uri)}\n"
               f"then {tracking.run_url(uri, logger.experiment_id, logger.run_id)}")
