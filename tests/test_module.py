@@ -5,27 +5,18 @@ import math
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
-
 from torch.utils.data import DataLoader
 
 from cnnlab.data.cache import CachedSplit
 from cnnlab.data.datamodule import CachedImageDataset, seed_worker_transform
 from cnnlab.models import Net
-from cnnlab.training.module import ImageClassifier
+from cnnlab.training.run import build as build_run
 from conftest import tiny_overrides
 
 
 def build(cfg):
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data, augment=instantiate(cfg.augment))
-    module = ImageClassifier(
-        model=OmegaConf.to_container(cfg.model, resolve=True), classes=datamodule.classes,
-        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
-        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else None,
-        label_smoothing=cfg.label_smoothing, mean=datamodule.mean, std=datamodule.std)
-    return datamodule, module
+    return build_run(cfg)
 
 
 def fit(module, datamodule, **trainer_args):
@@ -64,7 +55,7 @@ def test_batches_are_uint8_and_the_module_normalises(compose, tmp_path):
 
 def test_augmentation_is_reproducible_across_worker_processes(compose, tmp_path):
     def first_batches(seed):
-        cfg = compose(*tiny_overrides(tmp_path), "data.num_workers=2", f"seed={seed}")
+        cfg = compose(*tiny_overrides(tmp_path), "augment=light", "data.num_workers=2", f"seed={seed}")
         datamodule, _ = build(cfg)
         datamodule.setup("fit")
         loader = datamodule.train_dataloader()
@@ -76,7 +67,7 @@ def test_augmentation_is_reproducible_across_worker_processes(compose, tmp_path)
 
 
 def test_each_worker_distorts_with_its_own_random_stream(compose, tmp_path):
-    datamodule, _ = build(compose(*tiny_overrides(tmp_path)))
+    datamodule, _ = build(compose(*tiny_overrides(tmp_path), "augment=light"))
     datamodule.setup("fit")
     train = datamodule.datasets["train"]
     same_image = CachedSplit(images=np.repeat(train.images[:1], 4, axis=0), labels=train.labels[:4])

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import MLFlowLogger
 
 from .. import tracking
+from ..data import ImageDataModule
 from .module import ImageClassifier
 
 
@@ -24,19 +25,24 @@ def command_line() -> str:
     return " ".join(["python", str(script), *overrides])
 
 
+def _plain(node):
+    """A resolved config node as plain Python (what a checkpoint can store), or None."""
+    return OmegaConf.to_container(node, resolve=True) if node is not None else None
+
+
+def build(cfg: DictConfig) -> tuple[ImageDataModule, ImageClassifier]:
+    """The data module and the model module a config describes."""
+    datamodule = instantiate(cfg.data, augment=instantiate(cfg.augment))
+    module = ImageClassifier(model=_plain(cfg.model), classes=datamodule.classes, optimizer=_plain(cfg.optimizer),
+                             scheduler=_plain(cfg.scheduler), label_smoothing=cfg.label_smoothing,
+                             mean=datamodule.mean, std=datamodule.std)
+    return datamodule, module
+
+
 def train(cfg: DictConfig) -> float:
     """Train, checkpoint, test and track one model; returns the test accuracy (a sweep's objective)."""
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data, augment=instantiate(cfg.augment))
-    module = ImageClassifier(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
-        classes=datamodule.classes,
-        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
-        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else None,
-        label_smoothing=cfg.label_smoothing,
-        mean=datamodule.mean,
-        std=datamodule.std,
-    )
+    datamodule, module = build(cfg)
     logger = instantiate(cfg.logger, tags={"cnnlab.command": command_line()}) if cfg.logger else None
     callbacks = [instantiate(cfg.freeze), *(c for c in instantiate(cfg.callbacks).values() if c is not None)]
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks)
