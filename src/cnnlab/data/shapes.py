@@ -6,7 +6,7 @@ rotation, over a random texture (smooth noise, stripes or checks) with a random 
 pixel noise. Some shapes differ only in corner count (pentagon / hexagon), so the task needs
 real shape features, and the randomness makes augmentation matter when few images are given.
 
-Images are rendered at 4x the target size with OpenCV and area-downsampled (anti-aliasing),
+Images are rendered on a canvas of 2-4x the target size with OpenCV and area-downsampled (anti-aliasing),
 from a seed per split, so the same settings always give the same bytes.
 """
 
@@ -129,8 +129,9 @@ def _shape_color(rng: np.random.Generator, background: np.ndarray) -> tuple[int,
     return tuple(int(c) for c in color)
 
 
-def render(rng: np.random.Generator, label: int, size: int, supersample: int = 4) -> np.ndarray:
+def render(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
     """One (size, size, 3) uint8 image of class ``label``."""
+    supersample = max(2, 128 // size)  # a canvas of about 128 px is plenty for smooth edges, and cheap
     big = size * supersample
     canvas = _texture(rng, big)
     radius = rng.uniform(0.24, 0.42) * big
