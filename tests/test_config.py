@@ -73,3 +73,19 @@ def test_wrong_option_or_key_is_a_short_error_not_a_traceback(override, message)
         assert "Available options in 'model'" in result.stderr
         for option in options("model"):
             assert option in result.stderr
+
+
+def test_augment_policies_nest_and_every_distortion_runs(compose):
+    import numpy as np
+
+    from cnnlab.data.augment import train_transform
+
+    policies = {name: instantiate(compose(f"augment={name}").augment) for name in ["none", "light", "standard", "heavy"]}
+    assert set(policies["none"]) < set(policies["light"]) < set(policies["standard"]) < set(policies["heavy"])
+    assert {"mirror", "crop", "rotation", "shear", "local_warp", "colour_shift", "pca_colour"} == set(policies["heavy"])
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    for name, distortion in policies["heavy"].items():
+        distortion.p = 1.0
+        out = train_transform({name: distortion}, image_size=32)(image=image)["image"]
+        assert out.shape == image.shape and out.dtype == np.uint8, name
+        assert not np.array_equal(out, image), f"{name} left the image unchanged"
