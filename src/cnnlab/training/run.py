@@ -52,10 +52,11 @@ def train(cfg: DictConfig) -> float:
 
     trainer.fit(module, datamodule=datamodule)
     results = trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
-    if HydraConfig.initialized():  # the run folder's summary, also what DVC reads as the stage's metrics
-        metrics_file = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
-        metrics_file.write_text(json.dumps(results, indent=2, sort_keys=True))
-    report(results, trainer, logger)
+    if trainer.is_global_zero:  # one summary per run, however many processes train it
+        if HydraConfig.initialized():  # the run folder's summary, also what DVC reads as the stage's metrics
+            metrics_file = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
+            metrics_file.write_text(json.dumps(results, indent=2, sort_keys=True))
+        report(results, trainer, logger)
     return results["test/acc"]
 
 
