@@ -86,6 +86,21 @@ def test_augment_policies_nest_and_every_distortion_runs(compose):
     image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     for name, distortion in policies["heavy"].items():
         distortion.p = 1.0
-        out = train_transform({name: distortion}, image_size=32)(image=image)["image"]
-        assert out.shape == image.shape and out.dtype == np.uint8, name
-        assert not np.array_equal(out, image), f"{name} left the image unchanged"
+        transform = train_transform({name: distortion}, image_size=32)
+        outputs = []
+        for seed in range(5):  # a draw can be a no-op (a full-size crop), five in a row are not
+            transform.set_random_seed(seed)
+            outputs.append(transform(image=image)["image"])
+        assert all(out.shape == image.shape and out.dtype == np.uint8 for out in outputs), name
+        assert any(not np.array_equal(out, image) for out in outputs), f"{name} left the image unchanged"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.source.num_classes=20", "data.source.num_classes must be 2..10 for shapes, got 20"),
+])
+def test_our_own_config_checks_are_one_line_errors(override, message, tmp_path):
+    result = run_script("train.py", override, f"paths.root_dir={tmp_path}", "logger=none")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"Error: {message}"
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists()  # refused before any work

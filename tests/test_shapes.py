@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from cnnlab.data import ShapesSource
+from cnnlab.errors import ConfigError
 from cnnlab.data.cache import ImageCache
 from cnnlab.data.shapes import SHAPES, generate_split
 
@@ -32,7 +33,7 @@ def test_images_of_one_class_vary_in_position_colour_and_background():
 
 def test_at_least_eight_classes_and_bad_counts_are_refused():
     assert len(SHAPES) >= 8
-    with pytest.raises(ValueError, match="classes"):
+    with pytest.raises(ConfigError, match="num_classes"):
         generate_split(10, len(SHAPES) + 1, 32, seed=0)
 
 

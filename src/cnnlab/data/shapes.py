@@ -18,6 +18,8 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
+from ..errors import ConfigError
+
 SPLITS = ("train", "val", "test")
 
 
@@ -144,10 +146,14 @@ def render(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
     return np.clip(image + noise, 0, 255).astype(np.uint8)
 
 
+def check_num_classes(num_classes: int) -> None:
+    if not 2 <= num_classes <= len(SHAPES):
+        raise ConfigError(f"data.source.num_classes must be 2..{len(SHAPES)} for shapes, got {num_classes}")
+
+
 def generate_split(num_images: int, num_classes: int, size: int, seed: int, progress=None) -> tuple[np.ndarray, np.ndarray]:
     """Balanced, shuffled images and labels of one split, reproducible from ``seed``."""
-    if not 2 <= num_classes <= len(SHAPES):
-        raise ValueError(f"shapes has 2..{len(SHAPES)} classes, got num_classes={num_classes}")
+    check_num_classes(num_classes)
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(num_images) % num_classes).astype(np.int64)
     images = np.empty((num_images, size, size, 3), np.uint8)

@@ -15,6 +15,7 @@ class ShapesSource:
 
     def __init__(self, root: str | Path, num_classes: int = 10, image_size: int = 32,
                  train_size: int = 5000, val_size: int = 1000, test_size: int = 1000, seed: int = 0):
+        shapes.check_num_classes(num_classes)
         self.root = Path(root)
         self.settings = {"generator": "shapes-v1", "num_classes": num_classes, "image_size": image_size,
                          "sizes": {"train": train_size, "val": val_size, "test": test_size}, "seed": seed}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pytorch_lightning.callbacks import BaseFinetuning
 
+from ..errors import ConfigError
+
 
 class FreezeStages(BaseFinetuning):
     """Freeze the stem and the first ``depth`` stages; ``depth=None`` freezes all but the head.
@@ -19,7 +21,7 @@ class FreezeStages(BaseFinetuning):
         net = pl_module.net
         depth = len(net.stages) if self.depth is None else self.depth
         if not 0 <= depth <= len(net.stages):
-            raise ValueError(f"freeze.depth must be between 0 and {len(net.stages)} (the model's stages), got {depth}")
+            raise ConfigError(f"freeze.depth must be between 0 and {len(net.stages)} (the model's stages), got {depth}")
         if depth > 0:
             self.freeze([net.stem, *net.stages[:depth]], train_bn=False)
 
