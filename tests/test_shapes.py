@@ -55,3 +55,17 @@ def test_changing_one_split_size_leaves_the_others_unchanged(tmp_path):
     large = ShapesSource(tmp_path, num_classes=4, train_size=40, val_size=8, test_size=8).prepare()
     assert small.dir != large.dir
     assert np.array_equal(small.split("test").images, large.split("test").images)
+
+
+def test_prepare_script_builds_the_configured_cache_once(tmp_path):
+    from conftest import run_script, tiny_overrides
+
+    first = run_script("prepare.py", *tiny_overrides(tmp_path))
+    assert first.returncode == 0, first.stderr[-2000:]
+    (cache_dir,) = (tmp_path / "data").iterdir()
+    assert f"{cache_dir.name}: 10 classes (circle, triangle," in first.stdout
+    assert "train 64, val 32, test 32 images" in first.stdout
+    stamp = (cache_dir / "train_images.npy").stat().st_mtime_ns
+    second = run_script("prepare.py", *tiny_overrides(tmp_path))
+    assert second.returncode == 0 and "Generating" not in second.stderr
+    assert (cache_dir / "train_images.npy").stat().st_mtime_ns == stamp

@@ -36,3 +36,11 @@ class ShapesSource:
             classes = list(shapes.SHAPES)[: s["num_classes"]]
             write_cache(self.cache_dir, splits, {"classes": classes, "source": s})
         return ImageCache(self.cache_dir)
+
+
+def prepare_and_report(source) -> ImageCache:
+    """Prepare a source's cache (a no-op when it is up to date) and say where it is and what it holds."""
+    cache = source.prepare()
+    sizes = ", ".join(f"{split} {len(cache.split(split).labels)}" for split in ("train", "val", "test"))
+    print(f"{cache.dir}: {len(cache.classes)} classes ({', '.join(cache.classes)}); {sizes} images")
+    return cache

@@ -1,0 +1,17 @@
+"""Prepare a dataset's cache once, ahead of training: ``python src/prepare.py data=...``."""
+
+import hydra
+from hydra.utils import instantiate
+
+from cnnlab.data.sources import prepare_and_report
+from cnnlab.errors import one_line_errors
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@one_line_errors
+def main(cfg) -> None:
+    prepare_and_report(instantiate(cfg.data.source))
+
+
+if __name__ == "__main__":
+    main()
