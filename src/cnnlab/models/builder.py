@@ -1,20 +1,31 @@
 """The one model builder: turns a stage table (conf/model/*.yaml) into a ``Net``.
 
-A stage table lists the stem layers and the stages. Each stage entry names a block from
-``BLOCKS`` with its output channels, repeats and stride; any other keys are passed to the
-block. Width w multiplies channels (rounded to multiples of 8), depth d multiplies repeats
-(rounded up): the (w, d) of compound scaling apply to every family the same way.
+A stage table lists the stem layers and the stages. A stage is one block spec, or
+``{blocks: [spec, ...]}`` when it mixes block types (VGG's convs then pool, GoogLeNet's pool
+then inception modules). A spec names a block from ``BLOCKS`` with its ``out_chs``, optional
+``repeats`` and ``stride``; every other key is passed to the block, after the model-wide
+``block_defaults`` for that block type.
+
+Width w multiplies every ``*_chs`` value (rounded to multiples of 8), depth d multiplies
+``repeats`` (rounded up): the (w, d) of compound scaling apply to every family the same way.
+A spec without ``repeats`` is a single layer that never repeats (pools, GoogLeNet's modules).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 
+from omegaconf import OmegaConf
 from torch import nn
 
-from .blocks import BLOCKS
+from ..errors import ConfigError
+
+from .blocks import BLOCKS, DropPath
 from .net import ClassifierHead, Net
+
+LAYOUT_KEYS = ("block", "repeats", "stride", "widen_only")  # read by the builder, not passed to blocks
 
 
 def make_divisible(channels: float, divisor: int = 8) -> int:
@@ -33,34 +44,73 @@ def scale_depth(repeats: int, depth_mult: float) -> int:
     return int(math.ceil(repeats * depth_mult))
 
 
-def _make_block(spec: Mapping, in_chs: int, out_chs: int, stride: int) -> nn.Module:
-    options = {k: v for k, v in spec.items() if k not in ("block", "out_chs", "repeats", "stride")}
-    try:
-        block = BLOCKS[spec["block"]]
-    except KeyError:
-        raise ValueError(f"unknown block {spec['block']!r}; known blocks: {', '.join(sorted(BLOCKS))}") from None
-    return block(in_chs, out_chs, stride=stride, **options)
+def _make_block(spec: Mapping, in_chs: int, width_mult: float, stride: int,
+                block_defaults: Mapping[str, Mapping]) -> tuple[nn.Module, int]:
+    """One block and its output width."""
+    name = spec["block"]
+    if name not in BLOCKS:
+        raise ConfigError(f"unknown block {name!r}; known blocks: {', '.join(sorted(BLOCKS))}")
+    # MobileNet v2 keeps its 1280 features when slimmed (w < 1): torchvision scales them by max(1, w)
+    width_mult = max(1.0, width_mult) if spec.get("widen_only") else width_mult
+    options = {**block_defaults.get(name, {}), **{k: v for k, v in spec.items() if k not in LAYOUT_KEYS}}
+    options = {k: scale_width(v, width_mult) if k.endswith("_chs") else v for k, v in options.items()}
+    out_chs = options.pop("out_chs", None)
+    try:  # a misspelt option in the yaml is the user's to fix, not a bug: say which block
+        inspect.signature(BLOCKS[name]).bind(in_chs, out_chs, stride=stride, **options)
+    except TypeError as error:
+        raise ConfigError(f"block {name!r}: {error}") from None
+    block = BLOCKS[name](in_chs, out_chs, stride=stride, **options)
+    return block, out_chs or block.out_chs  # blocks that set their own width (pooling, inception) say it
+
+
+def _build_sequence(specs: Sequence[Mapping], chs: int, width_mult: float, depth_mult: float,
+                    block_defaults: Mapping[str, Mapping]) -> tuple[nn.Sequential, int]:
+    """Stack the blocks of a stem or a stage; returns them and their output width."""
+    blocks = []
+    for spec in specs:
+        repeats = scale_depth(spec["repeats"], depth_mult) if "repeats" in spec else 1
+        for i in range(repeats):
+            block, chs = _make_block(spec, chs, width_mult, spec.get("stride", 1) if i == 0 else 1, block_defaults)
+            blocks.append(block)
+    return nn.Sequential(*blocks), chs
 
 
 def build_net(stem: Sequence[Mapping], stages: Sequence[Mapping], num_classes: int, in_chans: int = 3,
               width_mult: float = 1.0, depth_mult: float = 1.0, dropout: float = 0.0,
-              name: str = "net") -> Net:
-    """Build a ``Net`` from its stem layers and stage table, scaled by width and depth."""
-    chs = in_chans
-    stem_layers = []
-    for spec in stem:
-        out_chs = scale_width(spec.get("out_chs", chs), width_mult) if "out_chs" in spec else chs
-        stem_layers.append(_make_block(spec, chs, out_chs, spec.get("stride", 1)))
-        chs = out_chs
+              name: str = "net", *, block_defaults: Mapping[str, Mapping] | None = None,
+              head_pool: int = 1, head_hidden: Sequence[int] = (), drop_path_rate: float = 0.0,
+              bn_eps: float | None = None, bn_momentum: float | None = None,
+              min_resolution: int | None = None) -> Net:
+    """Build a ``Net`` from its stem layers and stage table, scaled by width and depth.
+
+    ``head_pool``/``head_hidden`` give VGG's 7x7-pooled classifier with hidden FC layers;
+    ``drop_path_rate`` is the stochastic-depth rate of the last block (rising linearly from 0
+    over the blocks that have a residual branch); ``bn_eps``/``bn_momentum`` set every BatchNorm
+    (GoogLeNet and EfficientNet B5-B7 differ from PyTorch's defaults); ``min_resolution`` makes
+    smaller inputs a clear error.
+    """
+    stem, stages, head_hidden = _plain(stem), _plain(stages), _plain(head_hidden)
+    block_defaults = _plain(block_defaults or {})
+    stem_layers, chs = _build_sequence(stem, in_chans, width_mult, 1.0, block_defaults)
 
     built_stages = nn.ModuleList()
-    for spec in stages:
-        out_chs = scale_width(spec["out_chs"], width_mult)
-        blocks = []
-        for i in range(scale_depth(spec.get("repeats", 1), depth_mult)):
-            blocks.append(_make_block(spec, chs, out_chs, spec.get("stride", 1) if i == 0 else 1))
-            chs = out_chs
-        built_stages.append(nn.Sequential(*blocks))
+    for stage in stages:
+        built, chs = _build_sequence(stage.get("blocks", [stage]), chs, width_mult, depth_mult, block_defaults)
+        built_stages.append(built)
 
-    head = ClassifierHead(chs, num_classes, dropout)
-    return Net(nn.Sequential(*stem_layers), built_stages, head, name=name)
+    head = ClassifierHead(chs, num_classes, dropout, pool_size=head_pool, hidden=head_hidden)
+    net = Net(stem_layers, built_stages, head, name=name, min_resolution=min_resolution)
+
+    # Settings that concern every block are applied once here rather than threaded through each.
+    drop_paths = [m for m in built_stages.modules() if isinstance(m, DropPath)]
+    for i, drop_path in enumerate(drop_paths):
+        drop_path.p = drop_path_rate * i / len(drop_paths)  # as torchvision's EfficientNet
+    for bn in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.eps = bn.eps if bn_eps is None else bn_eps
+        bn.momentum = bn.momentum if bn_momentum is None else bn_momentum
+    return net
+
+
+def _plain(value):
+    """Hydra may hand over OmegaConf containers; blocks want plain dicts and lists."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
