@@ -104,3 +104,10 @@ def test_our_own_config_checks_are_one_line_errors(override, message, tmp_path):
     assert result.stderr.strip().splitlines()[-1] == f"Error: {message}"
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "data").exists()  # refused before any work
+
+
+def test_a_scaling_preset_sets_the_image_size_the_data_and_crops_use(compose):
+    assert compose().data.image_size == 32  # no preset: the dataset's own size
+    cfg = compose("scaling=b3", "augment=light")
+    assert cfg.data.image_size == 300 and list(cfg.augment.crop.size) == [300, 300]
+    assert compose("data=imagefolder", "scaling=b1").data.image_size == 240
