@@ -123,5 +123,5 @@ def test_label_smoothing_raises_the_loss_of_confident_predictions(compose, tmp_p
 
 
 def test_top5_only_with_five_or_more_classes(compose, tmp_path):
-    _, module = build(compose(*tiny_overrides(tmp_path), "data.source.num_classes=4"))
+    _, module = build(compose(*tiny_overrides(tmp_path), "data.source.classes=[circle,triangle,square,star]"))
     assert "test/acc_top5" not in module.test_metrics.keys(keep_base=False) and len(module.classes) == 4

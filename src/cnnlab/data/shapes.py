@@ -39,6 +39,18 @@ def _cross(arm: float = 0.33) -> np.ndarray:
                      [-a, a], [-1, a], [-1, -a], [-a, -a]], dtype=float)
 
 
+def _semicircle() -> np.ndarray:
+    angles = np.linspace(0, np.pi, 24)
+    return np.stack([np.cos(angles), 0.4 - np.sin(angles)], axis=1)
+
+
+def _heart() -> np.ndarray:
+    t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+    x = 16 * np.sin(t) ** 3
+    y = 13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)
+    return np.stack([x, -y], axis=1) / 17
+
+
 def _arrow() -> np.ndarray:
     return np.array([[-1, -0.3], [0.2, -0.3], [0.2, -0.75], [1, 0], [0.2, 0.75], [0.2, 0.3],
                      [-1, 0.3]], dtype=float)
@@ -75,7 +87,8 @@ def _fixed(point) -> tuple[int, int]:
     return int(round(point[0] * 16)), int(round(point[1] * 16))
 
 
-# Class name -> drawing function. The order fixes the label indices.
+# Every shape the generator can draw, by class name. A dataset lists the classes it uses
+# (conf/data/shapes*.yaml); their order there fixes the label indices.
 SHAPES: dict[str, Callable] = {
     "circle": _draw_circle,
     "triangle": _draw_polygon(_regular_polygon(3)),
@@ -87,6 +100,15 @@ SHAPES: dict[str, Callable] = {
     "ring": _draw_ring,
     "crescent": _draw_crescent,
     "arrow": _draw_polygon(_arrow()),
+    # Shapes the default set leaves out, for a new target task (shapes_fewshot, transfer learning)
+    "octagon": _draw_polygon(_regular_polygon(8)),
+    "diamond": _draw_polygon(np.array([[0, -1], [0.6, 0], [0, 1], [-0.6, 0]], dtype=float)),
+    "semicircle": _draw_polygon(_semicircle()),
+    "heart": _draw_polygon(_heart()),
+    "tee": _draw_polygon(np.array([[-1, -0.9], [1, -0.9], [1, -0.45], [0.25, -0.45], [0.25, 1], [-0.25, 1],
+                                   [-0.25, -0.45], [-1, -0.45]], dtype=float)),
+    "chevron": _draw_polygon(np.array([[-0.9, -0.8], [0, 0.1], [0.9, -0.8], [0.9, -0.1], [0, 0.8], [-0.9, -0.1]],
+                                      dtype=float)),
 }
 
 
@@ -131,34 +153,36 @@ def _shape_color(rng: np.random.Generator, background: np.ndarray) -> tuple[int,
     return tuple(int(c) for c in color)
 
 
-def render(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
-    """One (size, size, 3) uint8 image of class ``label``."""
+def render(rng: np.random.Generator, shape: str, size: int) -> np.ndarray:
+    """One (size, size, 3) uint8 image of a shape."""
     supersample = max(2, 128 // size)  # a canvas of about 128 px is plenty for smooth edges, and cheap
     big = size * supersample
     canvas = _texture(rng, big)
     radius = rng.uniform(0.24, 0.42) * big
     center = rng.uniform(radius * 0.8, big - radius * 0.8, size=2)
     angle = rng.uniform(0, 2 * np.pi)
-    draw = list(SHAPES.values())[label]
+    draw = SHAPES[shape]
     draw(canvas, center, radius, angle, _shape_color(rng, canvas))
     image = cv2.resize(canvas, (size, size), interpolation=cv2.INTER_AREA)
     noise = rng.normal(0, 6, image.shape)
     return np.clip(image + noise, 0, 255).astype(np.uint8)
 
 
-def check_num_classes(num_classes: int) -> None:
-    if not 2 <= num_classes <= len(SHAPES):
-        raise ConfigError(f"data.source.num_classes must be 2..{len(SHAPES)} for shapes, got {num_classes}")
+def check_classes(classes) -> None:
+    unknown = [name for name in classes if name not in SHAPES]
+    if unknown or len(set(classes)) < 2 or len(set(classes)) != len(classes):
+        raise ConfigError(f"data.source.classes must be two or more different shapes of {', '.join(SHAPES)}; "
+                          f"got {list(classes)}")
 
 
-def generate_split(num_images: int, num_classes: int, size: int, seed: int, progress=None) -> tuple[np.ndarray, np.ndarray]:
-    """Balanced, shuffled images and labels of one split, reproducible from ``seed``."""
-    check_num_classes(num_classes)
+def generate_split(num_images: int, classes: list[str], size: int, seed: int, progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """Balanced, shuffled images and labels (indices into ``classes``) of one split, reproducible from ``seed``."""
+    check_classes(classes)
     rng = np.random.default_rng(seed)
-    labels = rng.permutation(np.arange(num_images) % num_classes).astype(np.int64)
+    labels = rng.permutation(np.arange(num_images) % len(classes)).astype(np.int64)
     images = np.empty((num_images, size, size, 3), np.uint8)
     for i, label in enumerate(labels):
-        images[i] = render(rng, int(label), size)
+        images[i] = render(rng, classes[label], size)
         if progress is not None:
             progress.update(1)
     return images, labels

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -13,11 +14,12 @@ from .cache import ImageCache, settings_hash, write_cache
 class ShapesSource:
     """The generated shapes dataset (see shapes.py), prepared once per distinct setting."""
 
-    def __init__(self, root: str | Path, num_classes: int = 10, image_size: int = 32,
+    def __init__(self, root: str | Path, classes: Sequence[str], image_size: int = 32,
                  train_size: int = 5000, val_size: int = 1000, test_size: int = 1000, seed: int = 0):
-        shapes.check_num_classes(num_classes)
+        classes = list(classes)
+        shapes.check_classes(classes)
         self.root = Path(root)
-        self.settings = {"generator": "shapes-v1", "num_classes": num_classes, "image_size": image_size,
+        self.settings = {"generator": "shapes-v1", "classes": classes, "image_size": image_size,
                          "sizes": {"train": train_size, "val": val_size, "test": test_size}, "seed": seed}
 
     @property
@@ -31,10 +33,9 @@ class ShapesSource:
             with tqdm(total=sum(s["sizes"].values()), desc="Generating shapes", unit="img") as progress:
                 # Each split has its own seed so that changing one split's size leaves the others as they were.
                 for offset, (split, size) in enumerate(s["sizes"].items()):
-                    splits[split] = shapes.generate_split(size, s["num_classes"], s["image_size"],
+                    splits[split] = shapes.generate_split(size, s["classes"], s["image_size"],
                                                           seed=s["seed"] * 1000 + offset, progress=progress)
-            classes = list(shapes.SHAPES)[: s["num_classes"]]
-            write_cache(self.cache_dir, splits, {"classes": classes, "source": s})
+            write_cache(self.cache_dir, splits, {"classes": s["classes"], "source": s})
         return ImageCache(self.cache_dir)
 
 
