@@ -1,5 +1,6 @@
+from .cifar10 import Cifar10Source
 from .datamodule import ImageDataModule
 from .imagefolder import ImageFolderSource
 from .sources import ShapesSource
 
-__all__ = ["ImageDataModule", "ImageFolderSource", "ShapesSource"]
+__all__ = ["Cifar10Source", "ImageDataModule", "ImageFolderSource", "ShapesSource"]

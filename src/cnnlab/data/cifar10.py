@@ -1,0 +1,101 @@
+"""CIFAR-10 from the official python-version tarball, into the shared uint8 cache.
+
+The tarball is read from a local path. When it is absent and ``download`` is on, it is fetched
+from the official address and its published MD5 is checked before anything is read from it.
+The official validation split does not exist: ``val_size`` images are held out of the 50,000
+training images, the same number per class, deterministically from ``seed``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import tarfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+from .cache import ImageCache, settings_hash, write_cache
+from .imagefolder import stratified_split
+
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+MD5 = "c58f30108f718f92721af3b95e74349a"
+TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url: str, path: Path, md5: str) -> None:
+    """Fetch ``url`` to ``path`` with a progress bar; keep it only if its MD5 is the published one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as file:
+        total = int(response.headers.get("Content-Length", 0)) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"Downloading {path.name}") as progress:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                file.write(block)
+                progress.update(len(block))
+    verify_md5(partial, md5)
+    partial.rename(path)
+
+
+def verify_md5(path: Path, md5: str) -> None:
+    actual = md5sum(path)
+    if actual != md5:
+        path.unlink()
+        raise ConfigError(f"{path} has MD5 {actual}, expected {md5}: the download is corrupt, so it was removed")
+
+
+def read_archive(path: Path) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Class names and {"train": ..., "test": ...} as (N, 32, 32, 3) uint8 images and labels."""
+    def load(archive: tarfile.TarFile, name: str) -> dict:
+        member = next((m for m in archive.getmembers() if m.name.endswith(f"cifar-10-batches-py/{name}")), None)
+        if member is None:
+            raise ConfigError(f"{path} is not the CIFAR-10 python tarball: {name} is missing")
+        return pickle.load(archive.extractfile(member), encoding="bytes")  # the format is Python pickles
+
+    def images_labels(batches: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+        data = np.concatenate([np.asarray(b[b"data"], np.uint8) for b in batches])
+        images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # stored as R, G, B planes
+        return np.ascontiguousarray(images), np.concatenate([np.asarray(b[b"labels"], np.int64) for b in batches])
+
+    with tarfile.open(path, "r:gz") as archive:
+        classes = [name.decode() for name in load(archive, "batches.meta")[b"label_names"]]
+        train = images_labels([load(archive, name) for name in TRAIN_BATCHES])
+        test = images_labels([load(archive, "test_batch")])
+    return classes, {"train": train, "test": test}
+
+
+class Cifar10Source:
+    def __init__(self, archive: str | Path, cache_root: str | Path, val_size: int = 5000, seed: int = 0,
+                 download: bool = True, url: str = URL, md5: str = MD5):
+        self.archive = Path(archive).expanduser()
+        self.cache_root = Path(cache_root)
+        self.download, self.url, self.md5 = download, url, md5
+        self.settings = {"source": "cifar10-v1", "val_size": val_size, "seed": seed}
+
+    def prepare(self) -> ImageCache:
+        if not self.archive.is_file():
+            if not self.download:
+                raise ConfigError(f"CIFAR-10 tarball not found: {self.archive} (or set data.source.download=true)")
+            download(self.url, self.archive, self.md5)
+        stat = self.archive.stat()
+        key = settings_hash({**self.settings, "archive": [str(self.archive.resolve()), stat.st_size, stat.st_mtime_ns]})
+        cache_dir = self.cache_root / f"cifar10-{key}"
+        if not (cache_dir / "meta.json").is_file():
+            classes, splits = read_archive(self.archive)
+            images, labels = splits["train"]
+            split = stratified_split(labels, self.settings["val_size"] / len(labels), 0.0, self.settings["seed"])
+            splits = {"train": (images[split == "train"], labels[split == "train"]),
+                      "val": (images[split == "val"], labels[split == "val"]), "test": splits["test"]}
+            write_cache(cache_dir, splits, {"classes": classes, "source": {**self.settings, "archive": str(self.archive)}})
+        return ImageCache(cache_dir)
