@@ -1,6 +1,7 @@
 """Ingesting a folder of the user's own images, with files the tests make."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,12 +129,21 @@ def test_bad_images_can_be_skipped_and_are_listed(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_on_a_folder_of_pngs_and_jpegs(tmp_path):
+def test_train_on_a_folder_of_pngs_and_jpegs_listing_skipped_files_in_mlflow(tmp_path):
+    from mlflow.tracking import MlflowClient
+
     root = make_tree(tmp_path / "images", per_class=12)
-    result = run_script("train.py", "data=imagefolder", f"data.source.root={root}", "data.image_size=32",
-                        *[o for o in tiny_overrides(tmp_path) if not o.startswith("data.source")], "logger=none")
+    make_bad_files(root)
+    result = run_script("train.py", "data=imagefolder", f"data.source.root={root}", "data.source.skip_bad_images=true",
+                        "data.image_size=32", *[o for o in tiny_overrides(tmp_path) if not o.startswith("data.source")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Test accuracy" in result.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("cnnlab").experiment_id])
+    assert run.data.params["data.skipped_images"] == "3"
+    assert run.data.params["data.cache"].startswith("imagefolder-")
+    listed = json.loads(Path(client.download_artifacts(run.info.run_id, "data/skipped_images.json", str(tmp_path))).read_text())
+    assert sorted(item["file"] for item in listed) == ["blue/truncated.png", "green/text.jpg", "red/empty.png"]
 
 
 def test_missing_root_is_a_one_line_error(tmp_path):

@@ -45,6 +45,14 @@ def git_tags() -> dict[str, str]:
     return {"mlflow.source.git.commit": commit, "cnnlab.git_dirty": str(bool(dirty)).lower()}
 
 
+def log_data(logger: MLFlowLogger, cache) -> None:
+    """Which prepared data the run used, and the unreadable files that were left out of it."""
+    skipped = cache.meta.get("skipped", [])
+    logger.log_hyperparams({"data.cache": cache.dir.name, "data.skipped_images": len(skipped)})
+    if skipped:
+        logger.experiment.log_dict(logger.run_id, skipped, "data/skipped_images.json")
+
+
 def flatten(config: Mapping, prefix: str = "") -> dict[str, object]:
     """{"a": {"b": 1, "c": [2, 3]}} -> {"a.b": 1, "a.c.0": 2, "a.c.1": 3}: the keys users override."""
     flat: dict[str, object] = {}

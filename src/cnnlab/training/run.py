@@ -49,6 +49,7 @@ def train(cfg: DictConfig) -> float:
     if logger is not None:
         logger.log_hyperparams({**tracking.flatten(OmegaConf.to_container(cfg, resolve=True)), **module.parameter_counts()})
         logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        tracking.log_data(logger, datamodule.cache)
 
     trainer.fit(module, datamodule=datamodule)
     results = trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
