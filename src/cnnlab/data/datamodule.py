@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+import cv2
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -31,12 +32,14 @@ class CachedImageDataset(Dataset):
 
 
 def seed_worker_transform(worker_id: int) -> None:
-    """Give each worker's albumentations pipeline its own reproducible stream.
+    """Set a DataLoader worker up: one OpenCV thread, and its own reproducible random stream.
 
-    Albumentations keeps its own RNG (global seeding does not reach it), so without this every
-    worker would repeat the same distortions. torch seeds each worker from the main process's
-    generator, so ``seed_everything`` makes this deterministic.
+    Workers are the parallelism; OpenCV's own thread pool in each of them would only fight
+    over the same cores. Albumentations keeps its own RNG (global seeding does not reach it),
+    so without reseeding every worker would repeat the same distortions; torch seeds each
+    worker from the main process's generator, so ``seed_everything`` makes this deterministic.
     """
+    cv2.setNumThreads(1)
     info = get_worker_info()
     info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
 
