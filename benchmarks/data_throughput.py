@@ -6,7 +6,7 @@ For each image size, generates shape images, writes them as JPEG files (quality 
 them into the cache with the project's imagefolder source, then times whole epochs of a
 DataLoader with each augmentation policy, reading (a) the cache and (b) the JPEG files, with
 one worker process and with one per core, side by side in this one run. A last column times
-one core alone: the transform in the main process, OpenCV on one thread.
+one core alone: the transform in the main process, no worker processes.
 """
 
 import argparse
@@ -102,9 +102,7 @@ def main() -> None:
                 decoded = JpegFiles(files, labels, size, policy(name, size))
                 cache_1, files_1 = images_per_second(cached, 1), images_per_second(decoded, 1)
                 cache_n, files_n = images_per_second(cached, cores), images_per_second(decoded, cores)
-                cv2.setNumThreads(1)
-                one_core = images_per_second(cached, 0)
-                cv2.setNumThreads(-1)
+                one_core = images_per_second(cached, 0)  # OpenCV is single-threaded (cnnlab.data.augment)
                 print(f"| {size} | {name} | {cache_1:,.0f} | {files_1:,.0f} | {cache_1 / files_1:.1f}x | "
                       f"{cache_n:,.0f} | {files_n:,.0f} | {one_core:,.0f} |", flush=True)
 

@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
@@ -125,3 +126,21 @@ def test_label_smoothing_raises_the_loss_of_confident_predictions(compose, tmp_p
 def test_top5_only_with_five_or_more_classes(compose, tmp_path):
     _, module = build(compose(*tiny_overrides(tmp_path), "data.source.classes=[circle,triangle,square,star]"))
     assert "test/acc_top5" not in module.test_metrics.keys(keep_base=False) and len(module.classes) == 4
+
+
+def test_training_batches_keep_every_image_but_a_lone_last_one(compose, tmp_path):
+    for train_size, seen in [(70, 70), (65, 64)]:  # batches of 16: 70 = 4x16 + 6; 65 = 4x16 + 1
+        datamodule, _ = build(compose(*tiny_overrides(tmp_path), f"data.source.train_size={train_size}"))
+        datamodule.setup("fit")
+        assert sum(len(labels) for _, labels in datamodule.train_dataloader()) == seen
+
+
+@pytest.mark.timeout(120)
+def test_workers_forked_after_heavy_opencv_use_do_not_hang(compose, tmp_path):
+    import cv2
+
+    assert cv2.getNumThreads() == 1  # no OpenCV thread pool in any process (see cnnlab.data.augment)
+    cv2.resize(np.zeros((4000, 4000, 3), np.uint8), (1000, 1000))  # would start a pool if there were one
+    datamodule, _ = build(compose(*tiny_overrides(tmp_path), "augment=heavy", "data.num_workers=2"))
+    datamodule.setup("fit")
+    assert sum(len(labels) for _, labels in datamodule.train_dataloader()) == 64

@@ -17,6 +17,11 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # never reach the networ
 import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 
+# DataLoader worker processes are the parallelism. OpenCV's own thread pool would only compete
+# with them for the same cores, and a worker forked after the parent has used that pool hangs
+# in its first OpenCV call that touches it, so OpenCV runs single-threaded in every process.
+cv2.setNumThreads(0)
+
 
 def _fit_to_size(image_size: int) -> list:
     """Resize the short side then centre-crop: a no-op for images already at ``image_size``."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-import cv2
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -32,14 +31,12 @@ class CachedImageDataset(Dataset):
 
 
 def seed_worker_transform(worker_id: int) -> None:
-    """Set a DataLoader worker up: one OpenCV thread, and its own reproducible random stream.
+    """Give each worker's albumentations pipeline its own reproducible stream.
 
-    Workers are the parallelism; OpenCV's own thread pool in each of them would only fight
-    over the same cores. Albumentations keeps its own RNG (global seeding does not reach it),
-    so without reseeding every worker would repeat the same distortions; torch seeds each
-    worker from the main process's generator, so ``seed_everything`` makes this deterministic.
+    Albumentations keeps its own RNG (global seeding does not reach it), so without this every
+    worker would repeat the same distortions. torch seeds each worker from the main process's
+    generator, so ``seed_everything`` makes this deterministic.
     """
-    cv2.setNumThreads(1)
     info = get_worker_info()
     info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
 
@@ -73,10 +70,6 @@ class ImageDataModule(pl.LightningDataModule):
             self.prepare_data()
         return self.cache.classes
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
     def setup(self, stage: str | None = None) -> None:
         if self.cache is None:
             self.cache = self.source.prepare()  # other processes of a distributed run
@@ -88,8 +81,12 @@ class ImageDataModule(pl.LightningDataModule):
         }
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        dataset = self.datasets[split]
+        # Keep every image (few-shot sets are small), except a last training batch of one image,
+        # which BatchNorm cannot normalise.
+        lone_last = shuffle and len(dataset) % batch_size == 1
         return DataLoader(
-            self.datasets[split], batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
+            dataset, batch_size=batch_size, shuffle=shuffle, drop_last=lone_last,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
             worker_init_fn=seed_worker_transform if self.num_workers > 0 else None,
             pin_memory=torch.cuda.is_available(),
