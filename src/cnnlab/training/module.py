@@ -49,6 +49,10 @@ class ImageClassifier(pl.LightningModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
+    def on_train_start(self) -> None:
+        if self.logger is not None:  # counted now, after the freeze callback has frozen what it freezes
+            self.logger.log_hyperparams(self.parameter_counts())
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net((images.float() - self.mean) / self.std)
 

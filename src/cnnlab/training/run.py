@@ -47,7 +47,7 @@ def train(cfg: DictConfig) -> float:
     callbacks = [instantiate(cfg.freeze), *(c for c in instantiate(cfg.callbacks).values() if c is not None)]
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks)
     if logger is not None:
-        logger.log_hyperparams({**tracking.flatten(OmegaConf.to_container(cfg, resolve=True)), **module.parameter_counts()})
+        logger.log_hyperparams(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
         logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         tracking.log_data(logger, datamodule.cache)
 
