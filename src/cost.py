@@ -1,0 +1,17 @@
+"""What a model costs per stage: ``python src/cost.py model=resnet50 cost.resolution=224``
+(output shape, parameters, multiply-adds; ``cost.output=table.csv|table.md`` writes it too)."""
+
+import hydra
+
+from cnnlab.analysis.cost import report
+from cnnlab.errors import one_line_errors
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="cost")
+@one_line_errors
+def main(cfg) -> None:
+    report(cfg)
+
+
+if __name__ == "__main__":
+    main()
