@@ -24,6 +24,7 @@ from ..errors import ConfigError
 
 from .blocks import BLOCKS, DropPath
 from .net import ClassifierHead, Net
+from .pretrained import load_pretrained
 
 LAYOUT_KEYS = ("block", "repeats", "stride", "widen_only")  # read by the builder, not passed to blocks
 
@@ -80,14 +81,16 @@ def build_net(stem: Sequence[Mapping], stages: Sequence[Mapping], num_classes: i
               name: str = "net", *, block_defaults: Mapping[str, Mapping] | None = None,
               head_pool: int = 1, head_hidden: Sequence[int] = (), drop_path_rate: float = 0.0,
               bn_eps: float | None = None, bn_momentum: float | None = None,
-              min_resolution: int | None = None) -> Net:
+              min_resolution: int | None = None, pretrained: str | None = None,
+              pretrained_cache_dir: str | None = None) -> Net:
     """Build a ``Net`` from its stem layers and stage table, scaled by width and depth.
 
     ``head_pool``/``head_hidden`` give VGG's 7x7-pooled classifier with hidden FC layers;
     ``drop_path_rate`` is the stochastic-depth rate of the last block (rising linearly from 0
     over the blocks that have a residual branch); ``bn_eps``/``bn_momentum`` set every BatchNorm
     (GoogLeNet and EfficientNet B5-B7 differ from PyTorch's defaults); ``min_resolution`` makes
-    smaller inputs a clear error.
+    smaller inputs a clear error. ``pretrained`` (a file or URL, see ``pretrained.py``) loads
+    weights into the built net; URLs are cached in ``pretrained_cache_dir``.
     """
     stem, stages, head_hidden = _plain(stem), _plain(stages), _plain(head_hidden)
     block_defaults = _plain(block_defaults or {})
@@ -108,6 +111,8 @@ def build_net(stem: Sequence[Mapping], stages: Sequence[Mapping], num_classes: i
     for bn in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):
         bn.eps = bn.eps if bn_eps is None else bn_eps
         bn.momentum = bn.momentum if bn_momentum is None else bn_momentum
+    if pretrained:
+        load_pretrained(net, pretrained, pretrained_cache_dir)
     return net
 
 

@@ -49,6 +49,12 @@ class ImageClassifier(pl.LightningModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The checkpoint holds the weights now: rebuilding from it must not read (or need) the
+        # file the run started from. The run's MLflow params still say where that was.
+        model = checkpoint["hyper_parameters"]["model"]
+        checkpoint["hyper_parameters"]["model"] = {**model, "pretrained": None}
+
     def on_train_start(self) -> None:
         if self.logger is not None:  # counted now, after the freeze callback has frozen what it freezes
             self.logger.log_hyperparams(self.parameter_counts())
