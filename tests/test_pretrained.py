@@ -80,6 +80,40 @@ def test_every_tensor_of_the_full_reference_checkpoints_finds_its_place(model):
     assert all(mapped[k].shape == v.shape for k, v in net.state_dict().items() if k in mapped)
 
 
+def test_with_aux_heads_torchvision_googlenets_aux1_aux2_find_their_place_too():
+    net = build("googlenet", "model.aux_heads=true", meta=True)
+    mapped, fresh = map_state_dict(net, meta_weights("googlenet"))
+    assert not fresh and len(mapped) == len(KEYS["googlenet"])  # nothing dropped
+    assert set(mapped) == set(net.state_dict())
+    assert mapped["aux_heads.inception4a.conv.0.weight"].shape == (128, 512, 1, 1)  # aux1 reads 4a
+    assert mapped["aux_heads.inception4d.conv.0.weight"].shape == (128, 528, 1, 1)  # aux2 reads 4d
+
+
+def test_googlenet_reference_weights_load_into_the_aux_heads_and_keep_the_main_logits(tmp_path):
+    fixture = torch.load(FIXTURES / "logits_googlenet.pt", weights_only=True)
+    weights = reference_weights("googlenet")
+    torch.save(weights, tmp_path / "w.pth")
+    net = build("googlenet", "model.aux_heads=true", f"model.pretrained={tmp_path / 'w.pth'}").eval()
+    with torch.no_grad():
+        logits, aux = net.forward_with_aux(fixture["input"])
+    assert (logits - fixture["logits"]).abs().max() < 1e-4 and len(aux) == 2
+    assert torch.equal(net.aux_heads["inception4a"].fc1.weight, weights["aux1.fc1.weight"])
+    assert torch.equal(net.aux_heads["inception4d"].conv[1].running_var, weights["aux2.conv.bn.running_var"])
+    # another number of classes: the aux classifiers start fresh like the main one, the rest loads
+    torch.manual_seed(0)
+    fresh = build("googlenet", "model.aux_heads=true", num_classes=7)
+    torch.manual_seed(0)
+    net = build("googlenet", "model.aux_heads=true", f"model.pretrained={tmp_path / 'w.pth'}", num_classes=7)
+    assert torch.equal(net.aux_heads["inception4d"].fc2.weight, fresh.aux_heads["inception4d"].fc2.weight)
+    assert torch.equal(net.aux_heads["inception4d"].fc1.weight, weights["aux2.fc1.weight"])
+
+
+def test_a_checkpoint_without_aux_heads_does_not_fill_a_net_with_them():
+    weights = {k: v for k, v in meta_weights("googlenet").items() if not k.startswith(("aux1.", "aux2."))}
+    with pytest.raises(ConfigError, match="no tensor for googlenet's aux_heads.inception4a.conv.0.weight"):
+        map_state_dict(build("googlenet", "model.aux_heads=true", meta=True), weights)
+
+
 def test_older_checkpoints_without_batchnorm_counters_load():
     net = build("resnet18")
     mapped, _ = map_state_dict(net, reference_weights("resnet18", drop_counters=True))

@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import ConfigError
 
 from .blocks import BLOCKS, DropPath
-from .net import ClassifierHead, Net
+from .net import AuxHead, ClassifierHead, Net
 from .pretrained import load_pretrained
 
 LAYOUT_KEYS = ("block", "repeats", "stride", "widen_only")  # read by the builder, not passed to blocks
@@ -65,15 +65,36 @@ def _make_block(spec: Mapping, in_chs: int, width_mult: float, stride: int,
 
 
 def _build_sequence(specs: Sequence[Mapping], chs: int, width_mult: float, depth_mult: float,
-                    block_defaults: Mapping[str, Mapping]) -> tuple[nn.Sequential, int]:
-    """Stack the blocks of a stem or a stage; returns them and their output width."""
-    blocks = []
+                    block_defaults: Mapping[str, Mapping]) -> tuple[nn.Sequential, list[int]]:
+    """Stack the blocks of a stem or a stage; returns them and each block's output width."""
+    blocks, widths = [], []
     for spec in specs:
         repeats = scale_depth(spec["repeats"], depth_mult) if "repeats" in spec else 1
         for i in range(repeats):
             block, chs = _make_block(spec, chs, width_mult, spec.get("stride", 1) if i == 0 else 1, block_defaults)
             blocks.append(block)
-    return nn.Sequential(*blocks), chs
+            widths.append(chs)
+    return nn.Sequential(*blocks), widths or [chs]
+
+
+def _build_aux_heads(aux_head: Mapping, widths: Sequence[Sequence[int]], num_classes: int,
+                     width_mult: float) -> tuple[dict[str, AuxHead], dict[str, tuple[int, int]]]:
+    """GoogLeNet's side classifiers: ``aux_head.at`` names each and the [stage, block] it reads."""
+    options = {k: v for k, v in aux_head.items() if k not in ("at", "weight")}
+    options = {k: scale_width(v, width_mult) if k.endswith("_chs") else v for k, v in options.items()}
+    heads, at = {}, {}
+    for name, where in (aux_head.get("at") or {}).items():
+        if not (isinstance(where, Sequence) and len(where) == 2 and 0 <= where[0] < len(widths)
+                and 0 <= where[1] < len(widths[where[0]])):
+            raise ConfigError(f"aux head {name!r} reads [stage, block] {where}, which this model does not have")
+        try:
+            heads[name] = AuxHead(widths[where[0]][where[1]], num_classes, **options)
+        except TypeError as error:
+            raise ConfigError(f"aux head {name!r}: {error}") from None
+        at[name] = (int(where[0]), int(where[1]))
+    if not heads:
+        raise ConfigError("model.aux_heads=true but model.aux_head.at names no attach point")
+    return heads, at
 
 
 def build_net(stem: Sequence[Mapping], stages: Sequence[Mapping], num_classes: int, in_chans: int = 3,
@@ -82,27 +103,38 @@ def build_net(stem: Sequence[Mapping], stages: Sequence[Mapping], num_classes: i
               head_pool: int = 1, head_hidden: Sequence[int] = (), drop_path_rate: float = 0.0,
               bn_eps: float | None = None, bn_momentum: float | None = None,
               min_resolution: int | None = None, pretrained: str | None = None,
-              pretrained_cache_dir: str | None = None) -> Net:
+              pretrained_cache_dir: str | None = None, aux_heads: bool = False,
+              aux_head: Mapping | None = None) -> Net:
     """Build a ``Net`` from its stem layers and stage table, scaled by width and depth.
 
     ``head_pool``/``head_hidden`` give VGG's 7x7-pooled classifier with hidden FC layers;
     ``drop_path_rate`` is the stochastic-depth rate of the last block (rising linearly from 0
     over the blocks that have a residual branch); ``bn_eps``/``bn_momentum`` set every BatchNorm
     (GoogLeNet and EfficientNet B5-B7 differ from PyTorch's defaults); ``min_resolution`` makes
-    smaller inputs a clear error. ``pretrained`` (a file or URL, see ``pretrained.py``) loads
-    weights into the built net; URLs are cached in ``pretrained_cache_dir``.
+    smaller inputs a clear error. ``aux_heads`` adds the side classifiers that ``aux_head``
+    describes (GoogLeNet's, read only by ``Net.forward_with_aux`` in training; their ``*_chs``
+    scale with the width, ``aux_head.weight`` is their loss weight). ``pretrained`` (a file or
+    URL, see ``pretrained.py``) loads weights into the built net; URLs are cached in
+    ``pretrained_cache_dir``.
     """
     stem, stages, head_hidden = _plain(stem), _plain(stages), _plain(head_hidden)
     block_defaults = _plain(block_defaults or {})
-    stem_layers, chs = _build_sequence(stem, in_chans, width_mult, 1.0, block_defaults)
+    stem_layers, widths = _build_sequence(stem, in_chans, width_mult, 1.0, block_defaults)
+    chs = widths[-1]
 
-    built_stages = nn.ModuleList()
+    built_stages, stage_widths = nn.ModuleList(), []
     for stage in stages:
-        built, chs = _build_sequence(stage.get("blocks", [stage]), chs, width_mult, depth_mult, block_defaults)
+        built, widths = _build_sequence(stage.get("blocks", [stage]), chs, width_mult, depth_mult, block_defaults)
         built_stages.append(built)
+        stage_widths.append(widths)
+        chs = widths[-1]
 
     head = ClassifierHead(chs, num_classes, dropout, pool_size=head_pool, hidden=head_hidden)
-    net = Net(stem_layers, built_stages, head, name=name, min_resolution=min_resolution)
+    aux, aux_at, aux_head = None, None, _plain(aux_head or {})
+    if aux_heads:
+        aux, aux_at = _build_aux_heads(aux_head, stage_widths, num_classes, width_mult)
+    net = Net(stem_layers, built_stages, head, name=name, min_resolution=min_resolution,
+              aux_heads=aux, aux_at=aux_at, aux_weight=aux_head.get("weight", 0.3))
 
     # Settings that concern every block are applied once here rather than threaded through each.
     drop_paths = [m for m in built_stages.modules() if isinstance(m, DropPath)]

@@ -14,8 +14,10 @@ that does not fit. Two differences are intended and allowed:
   differs (transfer learning to a new task);
 - a 1-channel model sums the first conv's RGB filters: a grey image repeated into three channels
   gives the same activations as the summed filter on one channel.
-BatchNorm's ``num_batches_tracked`` counters are optional (torchvision's older files lack them) and
-torchvision GoogLeNet's auxiliary classifiers (``aux1``, ``aux2``) are dropped (cnnlab has none).
+BatchNorm's ``num_batches_tracked`` counters are optional (torchvision's older files lack them).
+torchvision GoogLeNet's auxiliary classifiers (``aux1``, ``aux2``) load into a net built with
+``model.aux_heads=true`` (its first and second aux head, their classifiers fresh like ``head.fc``
+when the classes differ) and are dropped from a net without aux heads.
 
 URLs are downloaded once into a cache directory (default ``$TORCH_HOME/hub/checkpoints``, usually
 ``~/.cache/torch/hub/checkpoints``, the folder torchvision itself uses, so weights it already
@@ -44,6 +46,11 @@ log = logging.getLogger(__name__)
 HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.")  # torchvision: <name>-<sha256 prefix>.pth
 OPTIONAL = ("num_batches_tracked",)
 HEAD = ("head.fc.weight", "head.fc.bias")
+AUX_FC = re.compile(r"aux_heads\.\w+\.fc2\.(weight|bias)")  # the aux heads' own classifiers
+
+
+def _is_classifier(key: str | None) -> bool:
+    return key is not None and (key in HEAD or AUX_FC.fullmatch(key) is not None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,10 +193,18 @@ def _googlenet(net: nn.Module) -> Callable[[str], str | None]:
                **{f"inception4{c}": f"stages.1.{i + 1}" for i, c in enumerate("abcde")},
                "inception5a": "stages.2.1", "inception5b": "stages.2.2"}
     conv_bn = {"conv": "0", "bn": "1"}
+    aux = {f"aux{i + 1}": f"aux_heads.{name}" for i, name in enumerate(getattr(net, "aux_heads", None) or {})}
 
     def rename(key: str) -> str | None:
-        if key.startswith(("aux1.", "aux2.")):
-            return None
+        if key.startswith(("aux1.", "aux2.")):  # aux1.conv.conv|bn.* -> aux_heads.<first>.conv.0|1.*
+            if not aux:
+                return None  # a net without aux heads: dropped
+            head, *rest = key.split(".")
+            if head not in aux:
+                return key
+            if rest[0] == "conv":
+                rest = ["conv", conv_bn.get(rest[1], rest[1]), *rest[2:]]
+            return ".".join([aux[head], *rest])
         if key.startswith("fc."):
             return "head." + key
         parts = key.split(".")
@@ -305,13 +320,13 @@ def map_state_dict(net: nn.Module, source: Mapping[str, torch.Tensor]) -> tuple[
     name = getattr(net, "name", type(net).__name__)
     ours = net.state_dict()
     renamed = {key: rename(key) for key in source}
-    given = {target: source[key] for key, target in renamed.items() if target in HEAD}
+    given = {target: source[key] for key, target in renamed.items() if _is_classifier(target)}
     # a classifier for another number of classes stays fresh (transfer learning); any other width must fit
-    kept = [k for k in HEAD if k in given and k in ours and given[k].shape != ours[k].shape
+    kept = [k for k in given if k in ours and given[k].shape != ours[k].shape
             and given[k].shape[1:] == ours[k].shape[1:]]
     if kept:
-        log.info("%s: %d classes in the checkpoint, %d here: the classifier starts fresh",
-                 name, given["head.fc.weight"].shape[0], ours["head.fc.weight"].shape[0])
+        log.info("%s: %d classes in the checkpoint, %d here: the classifier%s start%s fresh", name,
+                 given[kept[0]].shape[0], ours[kept[0]].shape[0], *(("s", "") if len(kept) > 2 else ("", "s")))
     first_conv = next((k for k, v in ours.items() if v.ndim == 4), None)
 
     mapped: dict[str, torch.Tensor] = {}

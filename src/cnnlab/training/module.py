@@ -60,12 +60,20 @@ class ImageClassifier(pl.LightningModule):
             self.logger.log_hyperparams(self.parameter_counts())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net((images.float() - self.mean) / self.std)
+        return self.net(self._normalise(images))
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) / self.std
 
     def _step(self, batch, split: str) -> torch.Tensor:
         images, labels = batch
-        logits = self(images)
-        loss = self.criterion(logits, labels)
+        if self.training and self.net.aux_heads:
+            # GoogLeNet's side classifiers add to the training loss only; metrics use the main logits
+            logits, aux = self.net.forward_with_aux(self._normalise(images))
+            loss = self.criterion(logits, labels) + self.net.aux_weight * sum(self.criterion(a, labels) for a in aux)
+        else:
+            logits = self(images)
+            loss = self.criterion(logits, labels)
         metrics = getattr(self, f"{split}_metrics")
         metrics.update(logits, labels)
         self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=len(labels))
