@@ -58,6 +58,7 @@ def build_meta(model: str, num_classes: int = 1000):
     ("vgg16", 15.5, 0.01),
     ("mobilenet_v2", 0.30, 0.03),
     ("efficientnet_b0", 0.39, 0.03),
+    ("mobilenet_v1", 0.569, 0.01),   # timm mobilenetv1_100
 ])
 def test_reference_models_per_stage(model, gmacs, tolerance):
     net = build_meta(model)
