@@ -60,6 +60,13 @@ def test_frozen_batchnorm_uses_running_statistics_in_evaluation(compose, tmp_pat
     assert torch.allclose(norm(x), expected, atol=1e-4)
 
 
+def test_freeze_none_trains_everything(compose, tmp_path):
+    module, trainer, before = fit_frozen(compose, tmp_path, "freeze=none")
+    counts = module.parameter_counts()
+    assert counts["params_trainable"] == counts["params_total"]
+    assert {n for n in before if n.startswith("stem.") and before[n].is_floating_point()} <= changed(before, module.net)
+
+
 def test_invalid_depth_is_a_config_error(compose, tmp_path):
     with pytest.raises(ConfigError, match="between 0 and 3"):
         fit_frozen(compose, tmp_path, "freeze=stages", "freeze.depth=4")

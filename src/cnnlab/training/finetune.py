@@ -34,11 +34,11 @@ class FreezeStages(BaseFinetuning):
         depth = len(net.stages) if self.depth is None else self.depth
         if depth > len(net.stages):
             raise ConfigError(f"freeze.depth must be between 0 and {len(net.stages)} (the model's stages), got {depth}")
-        frozen = [net.stem, *net.stages[:depth]]
+        frozen = [net.stem, *net.stages[:depth]] if depth > 0 else []
         for module in frozen:
             module.requires_grad_(False)
         self.frozen_norms = [m for module in frozen for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if not pl_module.hparams.model.get("pretrained"):
+        if frozen and not pl_module.hparams.model.get("pretrained"):
             rank_zero_warn("freeze: the frozen stem and stages are randomly initialised (model.pretrained is not "
                            "set), so they will stay random; only the layers after them learn")
 
