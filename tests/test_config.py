@@ -111,3 +111,18 @@ def test_a_scaling_preset_sets_the_image_size_the_data_and_crops_use(compose):
     cfg = compose("scaling=b3", "augment=light")
     assert cfg.data.image_size == 300 and list(cfg.augment.crop.size) == [300, 300]
     assert compose("data=imagefolder", "scaling=b1").data.image_size == 240
+
+
+def test_config_resolvers_come_with_any_part_of_the_package():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import cnnlab.data\n"  # not cnnlab.models: preview.py and prepare.py never import it
+            "from hydra import compose, initialize_config_dir\n"
+            f"with initialize_config_dir(config_dir={str(CONF_DIR)!r}, version_base='1.3'):\n"
+            "    print(compose('config', overrides=['scaling=custom', 'scaling.phi=2']).data.image_size)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "296"  # round(224 * 1.15 ** 2)

@@ -5,7 +5,8 @@
     phi about doubles the FLOPs)
 
 conf/scaling/custom.yaml computes these with the ``compound`` resolver registered here; OmegaConf
-has no arithmetic of its own. Importing ``cnnlab.models`` registers it.
+has no arithmetic of its own. Importing ``cnnlab`` (any entry script does) registers it, before
+any config is resolved.
 """
 
 from __future__ import annotations
