@@ -31,6 +31,11 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def is_prepared(cache_dir: Path) -> bool:
+    """Whether a complete cache is there: the meta file is the last thing a cache gets."""
+    return (Path(cache_dir) / META_FILE).is_file()
+
+
 def write_cache(cache_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict) -> Path:
     cache_dir = Path(cache_dir)
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -43,7 +48,7 @@ def write_cache(cache_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]
         try:
             os.rename(tmp, cache_dir)
         except OSError:
-            if not (cache_dir / META_FILE).is_file():  # not just another process finishing first
+            if not is_prepared(cache_dir):  # not just another process finishing first
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from .cache import ImageCache, settings_hash, write_cache
+from .cache import ImageCache, is_prepared, settings_hash, write_cache
 from .imagefolder import stratified_split
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -88,7 +88,7 @@ class Cifar10Source:
         stat = self.archive.stat()
         key = settings_hash({**self.settings, "archive": [str(self.archive.resolve()), stat.st_size, stat.st_mtime_ns]})
         cache_dir = self.cache_root / f"cifar10-{key}"
-        if not (cache_dir / "meta.json").is_file():
+        if not is_prepared(cache_dir):
             classes, splits = read_archive(self.archive)
             images, labels = splits["train"]
             split = stratified_split(labels, self.settings["val_size"] / len(labels), 0.0, self.settings["seed"])

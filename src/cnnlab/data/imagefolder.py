@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from .cache import ImageCache, settings_hash, write_cache
+from .cache import ImageCache, is_prepared, settings_hash, write_cache
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 SPLITS = ("train", "val", "test")
@@ -96,7 +96,7 @@ class ImageFolderSource:
         # Any added, removed or rewritten file changes the key, and so gives a new cache.
         stats = [(rel, f.stat().st_size, f.stat().st_mtime_ns) for _, _, rel, f in rows]
         cache_dir = self.cache_root / f"imagefolder-{settings_hash({**self.settings, 'files': stats})}"
-        if not (cache_dir / "meta.json").is_file():
+        if not is_prepared(cache_dir):
             self._ingest(rows, cache_dir)
         return ImageCache(cache_dir)
 

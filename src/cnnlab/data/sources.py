@@ -8,7 +8,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import shapes
-from .cache import ImageCache, settings_hash, write_cache
+from .cache import ImageCache, is_prepared, settings_hash, write_cache
 
 
 class ShapesSource:
@@ -27,7 +27,7 @@ class ShapesSource:
         return self.root / f"shapes-{settings_hash(self.settings)}"
 
     def prepare(self) -> ImageCache:
-        if not (self.cache_dir / "meta.json").is_file():
+        if not is_prepared(self.cache_dir):
             s = self.settings
             splits = {}
             with tqdm(total=sum(s["sizes"].values()), desc="Generating shapes", unit="img") as progress:
