@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 META_FILE = "meta.json"
+SPLITS = ("train", "val", "test")
 
 
 def settings_hash(settings: dict) -> str:

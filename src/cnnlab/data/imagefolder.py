@@ -16,10 +16,9 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from .cache import ImageCache, is_prepared, settings_hash, write_cache
+from .cache import SPLITS, ImageCache, is_prepared, settings_hash, write_cache
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-SPLITS = ("train", "val", "test")
 # What Pillow raises for empty, truncated, corrupt or non-image files (anything else is a bug and raises).
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 

@@ -20,8 +20,6 @@ import numpy as np
 
 from ..errors import ConfigError
 
-SPLITS = ("train", "val", "test")
-
 
 def _regular_polygon(corners: int, inner_ratio: float | None = None) -> np.ndarray:
     """Unit-radius polygon; with ``inner_ratio`` a star with alternating inner corners."""

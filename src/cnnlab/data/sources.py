@@ -8,7 +8,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import shapes
-from .cache import ImageCache, is_prepared, settings_hash, write_cache
+from .cache import SPLITS, ImageCache, is_prepared, settings_hash, write_cache
 
 
 class ShapesSource:
@@ -42,6 +42,6 @@ class ShapesSource:
 def prepare_and_report(source) -> ImageCache:
     """Prepare a source's cache (a no-op when it is up to date) and say where it is and what it holds."""
     cache = source.prepare()
-    sizes = ", ".join(f"{split} {len(cache.split(split).labels)}" for split in ("train", "val", "test"))
+    sizes = ", ".join(f"{split} {len(cache.split(split).labels)}" for split in SPLITS)
     print(f"{cache.dir}: {len(cache.classes)} classes ({', '.join(cache.classes)}); {sizes} images")
     return cache
