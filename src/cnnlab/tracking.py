@@ -8,11 +8,38 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+import mlflow
+from mlflow.exceptions import MlflowException
 from pytorch_lightning.loggers import MLFlowLogger
+
+from .errors import ConfigError
 
 
 def sqlite_uri(db_path: str | Path) -> str:
     return f"sqlite:///{Path(db_path).resolve()}"
+
+
+def use_store(tracking_uri: str | None, default_db: str | Path) -> str:
+    """Point MLflow's client at ``tracking_uri`` (a server) or the project's SQLite store; returns the URI.
+
+    ``runs:/<id>`` references (pretrained weights, checkpoints to evaluate) resolve against it.
+    """
+    uri = tracking_uri or sqlite_uri(default_db)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def run_artifact(reference: str, default_path: str = "best/best.ckpt") -> Path:
+    """A local copy of a run's artifact: ``runs:/<run id>`` (its best checkpoint) or ``runs:/<run id>/<path>``.
+
+    Resolved against the store set by ``use_store`` (or ``MLFLOW_TRACKING_URI``).
+    """
+    run_id, _, path = reference.removeprefix("runs:/").strip("/").partition("/")
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/{path or default_path}"))
+    except MlflowException as error:
+        raise ConfigError(f"cannot fetch {reference} from the MLflow store {mlflow.get_tracking_uri()}: "
+                          f"{str(error).splitlines()[0]}") from None
 
 
 def mlflow_logger(experiment_name: str, tracking_uri: str | None, default_db: str, artifact_dir: str,

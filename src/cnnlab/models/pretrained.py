@@ -1,6 +1,7 @@
 """Pretrained weights: torchvision's and timm's ImageNet checkpoints, or one of our own runs.
 
-``model.pretrained=`` names a local file or an http(s) URL. What the file holds is read from its
+``model.pretrained=`` names a local file, an http(s) URL or one of our MLflow runs (``runs:/<run id>``
+for its best checkpoint, ``runs:/<run id>/last/last.ckpt`` for another artifact). What the file holds is read from its
 keys, not declared: a Lightning checkpoint of a cnnlab run (``state_dict`` with ``net.*`` keys), a
 bare cnnlab state dict (``stem.*``, ``stages.*``, ``head.*``), or a torchvision ResNet, VGG,
 GoogLeNet, MobileNet v2 or EfficientNet, or timm's MobileNet v1 (``mobilenetv1_100``). Each
@@ -105,7 +106,14 @@ def cached_file(url: str, cache_dir: str | Path | None = None) -> Path:
 def read_state_dict(source: str | Path, cache_dir: str | Path | None = None) -> dict[str, torch.Tensor]:
     """A checkpoint's tensors by name, from a file or a URL; Lightning checkpoints are unwrapped."""
     source = str(source)
-    path = cached_file(source, cache_dir) if re.match(r"https?://", source) else Path(source).expanduser()
+    if source.startswith("runs:/"):
+        from ..tracking import run_artifact  # MLflow is imported only when a run is named
+
+        path = run_artifact(source)
+    elif re.match(r"https?://", source):
+        path = cached_file(source, cache_dir)
+    else:
+        path = Path(source).expanduser()
     if not path.is_file():
         raise ConfigError(f"pretrained weights {source!r} not found")
     if path.suffix == ".safetensors":

@@ -54,6 +54,8 @@ class ImageClassifier(pl.LightningModule):
         # file the run started from. The run's MLflow params still say where that was.
         model = checkpoint["hyper_parameters"]["model"]
         checkpoint["hyper_parameters"]["model"] = {**model, "pretrained": None}
+        # which tracked run made it, so evaluations and ensembles can point back to it
+        checkpoint["mlflow_run_id"] = getattr(self.logger, "run_id", None)
 
     def on_train_start(self) -> None:
         if self.logger is not None:  # counted now, after the freeze callback has frozen what it freezes

@@ -42,6 +42,7 @@ def build(cfg: DictConfig) -> tuple[ImageDataModule, ImageClassifier]:
 def train(cfg: DictConfig) -> float:
     """Train, checkpoint, test and track one model; returns the test accuracy (a sweep's objective)."""
     pl.seed_everything(cfg.seed, workers=True)
+    tracking.use_store(cfg.tracking_uri, cfg.paths.mlflow_db)  # where runs:/ references resolve
     datamodule, module = build(cfg)
     logger = instantiate(cfg.logger, tags={"cnnlab.command": command_line()}) if cfg.logger else None
     callbacks = [instantiate(cfg.freeze), *(c for c in instantiate(cfg.callbacks).values() if c is not None)]
