@@ -3,6 +3,7 @@
 import pytest
 import pytorch_lightning as pl
 import torch
+from hydra.utils import instantiate
 
 from cnnlab.errors import ConfigError
 from cnnlab.training.finetune import FreezeStages
@@ -24,9 +25,8 @@ def fit_frozen(compose, tmp_path, *overrides):
     pl.seed_everything(0)
     datamodule, module = build(cfg)
     before = snapshot(module.net)
-    freeze = FreezeStages(**{k: v for k, v in cfg.freeze.items() if k != "_target_"})
     trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[freeze])
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[instantiate(cfg.freeze)])
     trainer.fit(module, datamodule=datamodule)
     return module, trainer, before
 
@@ -72,3 +72,80 @@ def test_invalid_depth_is_a_config_error(compose, tmp_path):
         fit_frozen(compose, tmp_path, "freeze=stages", "freeze.depth=4")
     with pytest.raises(ConfigError, match="0 or more"):
         FreezeStages(depth=-1)
+
+
+def optimizer_state(trainer):
+    """Per param group: its parameters' names, current and base learning rate, weight decay."""
+    names = {id(p): n for n, p in trainer.lightning_module.named_parameters()}
+    return [(sorted(names[id(p)] for p in g["params"]), g["lr"], g["initial_lr"], g["weight_decay"])
+            for g in trainer.optimizers[0].param_groups]
+
+
+def gradual_trainer(max_epochs, **kwargs):
+    from cnnlab.training.finetune import GradualUnfreeze
+    return pl.Trainer(accelerator="cpu", max_epochs=max_epochs, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0,
+                      callbacks=[GradualUnfreeze(unfreeze_at=[1, 2], backbone_lr_factor=0.1), *kwargs.pop("extra", [])],
+                      **kwargs)
+
+
+def test_gradual_unfreezes_from_the_top_at_a_lower_learning_rate(compose, tmp_path):
+    cfg = compose(*tiny_overrides(tmp_path), "freeze=gradual", "freeze.unfreeze_at=[1,2]", "scheduler=cosine")
+    pl.seed_everything(0)
+    datamodule, module = build(cfg)
+    before = snapshot(module.net)
+    trainer = gradual_trainer(3, enable_checkpointing=False)
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        trainer.fit(module, datamodule=datamodule)
+    moved = changed(before, module.net)
+    assert {n.split(".")[1] for n in moved if n.startswith("stages.")} == {"1", "2"}  # the top two of three
+    assert not {n for n in moved if n.startswith(("stem.", "stages.0."))}
+    groups = optimizer_state(trainer)
+    assert len(groups) == 2 + 2 + 2  # head, then the last stage, then the one before, each with and without decay
+    head_lr, head_base = groups[0][1], groups[0][2]
+    assert all(name.startswith("net.stages.2.") for name in groups[2][0] + groups[3][0])
+    assert all(name.startswith("net.stages.1.") for name in groups[4][0] + groups[5][0])
+    for _, lr, base, _ in groups[2:]:  # the backbone follows the head's schedule at a tenth of its rate
+        assert base == pytest.approx(0.1 * head_base) and lr == pytest.approx(0.1 * head_lr)
+    assert [g[3] for g in groups] == [cfg.optimizer.weight_decay, 0.0] * 3
+    assert len(trainer.lr_scheduler_configs[0].scheduler.lr_lambdas) == len(groups)
+
+
+class StopAfter(pl.Callback):
+    """Ends the run after ``epochs`` epochs, as a crash or a cancelled job would (the schedule keeps its length)."""
+
+    def __init__(self, epochs):
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = trainer.current_epoch + 1 >= self.epochs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler", ["cosine", "one_cycle"])
+def test_gradual_resumes_with_its_param_groups_and_schedule(compose, tmp_path, scheduler):
+    """Stopped after epoch 2 (one stage unfrozen) and resumed: the same state as a run that never stopped."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    cfg = compose(*tiny_overrides(tmp_path), "freeze=gradual", f"scheduler={scheduler}")
+
+    def fit(*extra, ckpt_path=None):
+        pl.seed_everything(0)
+        datamodule, module = build(cfg)
+        trainer = gradual_trainer(3, extra=list(extra), enable_checkpointing=True, default_root_dir=tmp_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        return trainer
+
+    with pytest.warns(UserWarning):
+        straight = fit()
+        stopped = fit(StopAfter(2), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True))
+        assert stopped.current_epoch == 2 and len(optimizer_state(stopped)) == 4  # head + the last stage
+        resumed = fit(ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert resumed.global_step == straight.global_step == 3 * 64 // 16
+    assert len(optimizer_state(resumed)) == 6
+    for (names_r, lr_r, base_r, wd_r), (names_s, lr_s, base_s, wd_s) in zip(optimizer_state(resumed),
+                                                                             optimizer_state(straight), strict=True):
+        assert names_r == names_s and wd_r == wd_s
+        assert lr_r == pytest.approx(lr_s) and base_r == pytest.approx(base_s)
+    trainable = {n for n, p in resumed.lightning_module.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in straight.lightning_module.named_parameters() if p.requires_grad}

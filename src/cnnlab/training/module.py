@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -12,6 +12,14 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from ..models import count_parameters
+
+
+def parameter_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
+    """Weight decay on weights only, not on biases and normalisation parameters (no empty groups)."""
+    params = list(params)
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:
@@ -93,16 +101,10 @@ class ImageClassifier(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")
 
-    def _parameter_groups(self, weight_decay: float) -> list[dict]:
-        """Only trainable parameters; no weight decay on biases and normalisation parameters."""
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in trainable if p.ndim > 1]
-        no_decay = [p for p in trainable if p.ndim <= 1]
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
     def configure_optimizers(self):
         optimizer_cfg = dict(self.hparams.optimizer)
-        groups = self._parameter_groups(optimizer_cfg.pop("weight_decay", 0.0))
+        trainable = [p for p in self.parameters() if p.requires_grad]  # frozen parameters stay out
+        groups = parameter_groups(trainable, optimizer_cfg.pop("weight_decay", 0.0))
         optimizer = instantiate(optimizer_cfg, groups)
         if not self.hparams.scheduler:
             return optimizer
