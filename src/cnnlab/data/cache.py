@@ -37,23 +37,30 @@ def is_prepared(cache_dir: Path) -> bool:
     return (Path(cache_dir) / META_FILE).is_file()
 
 
-def write_cache(cache_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict) -> Path:
-    cache_dir = Path(cache_dir)
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}-", dir=cache_dir.parent))
+def write_arrays(folder: Path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
+    """Write ``<name>.npy`` per array and the meta file, all or nothing (see the module docstring)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        for split, (images, labels) in splits.items():
-            np.save(tmp / f"{split}_images.npy", images)
-            np.save(tmp / f"{split}_labels.npy", labels)
+        for name, array in arrays.items():
+            np.save(tmp / f"{name}.npy", array)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         try:
-            os.rename(tmp, cache_dir)
+            os.rename(tmp, folder)
         except OSError:
-            if not is_prepared(cache_dir):  # not just another process finishing first
+            if not is_prepared(folder):  # not just another process finishing first
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return cache_dir
+    return folder
+
+
+def write_cache(cache_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict) -> Path:
+    arrays = {}
+    for split, (images, labels) in splits.items():
+        arrays |= {f"{split}_images": images, f"{split}_labels": labels}
+    return write_arrays(cache_dir, arrays, meta)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,15 @@ class ClassifierHead(nn.Module):
         self.fc = nn.Linear(width, num_classes)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.dropout(self.hidden(self.flatten(self.pool(features)))))
+        return self.classify(self.embed(features))
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """The vector the softmax layer reads: pooled features (through VGG's hidden layers)."""
+        return self.hidden(self.flatten(self.pool(features)))
+
+    def classify(self, embedding: torch.Tensor) -> torch.Tensor:
+        """The softmax layer alone (its logits), on ``embed``'s output."""
+        return self.fc(self.dropout(embedding))
 
 
 class AuxHead(nn.Module):

@@ -43,11 +43,14 @@ class FreezeStages(BaseFinetuning):
     put in eval mode before every training batch.
     """
 
-    def __init__(self, depth: int | None = 0):
+    def __init__(self, depth: int | None = 0, cache_features: bool = False):
         super().__init__()
         if depth is not None and depth < 0:
             raise ConfigError(f"freeze.depth must be 0 or more (or null for all stages), got {depth}")
+        if cache_features and depth is not None:
+            raise ConfigError("freeze.cache_features needs the whole trunk frozen (freeze=all_but_head)")
         self.depth = depth
+        self.cache_features = cache_features  # see training/features.py
         self.frozen: list[nn.Module] = []
 
     def modules_to_freeze(self, net: nn.Module) -> list[nn.Module]:

@@ -56,6 +56,7 @@ class ImageClassifier(pl.LightningModule):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+        self.trains_on_features = False  # set by training/features.py for a frozen trunk's cached features
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The checkpoint holds the weights now: rebuilding from it must not read (or need) the
@@ -72,12 +73,19 @@ class ImageClassifier(pl.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(self._normalise(images))
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """What the softmax layer reads for these images: the features a frozen trunk's cache holds."""
+        return self.net.head.embed(self.net.forward_features(self._normalise(images)))
+
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() - self.mean) / self.std
 
     def _step(self, batch, split: str) -> torch.Tensor:
         images, labels = batch
-        if self.training and self.net.aux_heads:
+        if self.trains_on_features:  # batches of cached embeddings: only the softmax layer runs
+            logits = self.net.head.classify(images)
+            loss = self.criterion(logits, labels)
+        elif self.training and self.net.aux_heads:
             # GoogLeNet's side classifiers add to the training loss only; metrics use the main logits
             logits, aux = self.net.forward_with_aux(self._normalise(images))
             loss = self.criterion(logits, labels) + self.net.aux_weight * sum(self.criterion(a, labels) for a in aux)

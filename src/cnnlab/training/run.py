@@ -14,6 +14,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 
 from .. import tracking
 from ..data import ImageDataModule
+from .features import train_on_cached_features
 from .module import ImageClassifier
 
 
@@ -45,12 +46,15 @@ def train(cfg: DictConfig) -> float:
     tracking.use_store(cfg.tracking_uri, cfg.paths.mlflow_db)  # where runs:/ references resolve
     datamodule, module = build(cfg)
     logger = instantiate(cfg.logger, tags={"cnnlab.command": command_line()}) if cfg.logger else None
-    callbacks = [instantiate(cfg.freeze), *(c for c in instantiate(cfg.callbacks).values() if c is not None)]
+    freeze = instantiate(cfg.freeze)
+    callbacks = [freeze, *(c for c in instantiate(cfg.callbacks).values() if c is not None)]
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks)
     if logger is not None:
         logger.log_hyperparams(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
         logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         tracking.log_data(logger, datamodule.cache)
+    if freeze.cache_features:
+        datamodule = train_on_cached_features(datamodule, module, Path(cfg.paths.data_dir) / "features")
 
     trainer.fit(module, datamodule=datamodule)
     results = trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
