@@ -149,3 +149,44 @@ def test_gradual_resumes_with_its_param_groups_and_schedule(compose, tmp_path, s
         assert lr_r == pytest.approx(lr_s) and base_r == pytest.approx(base_s)
     trainable = {n for n, p in resumed.lightning_module.named_parameters() if p.requires_grad}
     assert trainable == {n for n, p in straight.lightning_module.named_parameters() if p.requires_grad}
+
+
+class ChangedAfterFirstEpoch(pl.Callback):
+    def __init__(self, before):
+        self.before, self.moved = before, None
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == 0:
+            self.moved = changed(self.before, pl_module.net)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["vgg11_bn", "resnet18", "plain18", "googlenet", "inception_v1", "mobilenet_v1",
+                                   "mobilenet_v2", "efficientnet_b0"])
+def test_every_family_freezes_and_unfreezes_by_the_same_contract(compose, tmp_path, model):
+    from cnnlab.training.finetune import trunk
+
+    def fit(*overrides, epochs):
+        aux = ["model.aux_heads=true"] if model == "googlenet" else []  # its side classifiers freeze with the trunk
+        cfg = compose(*tiny_overrides(tmp_path), f"model={model}", "data.source.train_size=16", "data.batch_size=8",
+                      *aux, *overrides)
+        pl.seed_everything(0)
+        datamodule, module = build(cfg)
+        before = snapshot(module.net)
+        probe = ChangedAfterFirstEpoch(before)
+        trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, limit_train_batches=1, limit_val_batches=0,
+                             num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[instantiate(cfg.freeze), probe])
+        with pytest.warns(UserWarning, match="randomly initialised"):
+            trainer.fit(module, datamodule=datamodule)
+        return module.net, probe.moved, changed(before, module.net)
+
+    net, first_epoch, moved = fit("freeze=gradual", "freeze.unfreeze_at=[1]", epochs=2)
+    assert first_epoch == {"head.fc.weight", "head.fc.bias"}  # all_but_head: the softmax layer only
+    top = next(name for name, m in net.named_modules() if m is trunk(net)[-1])
+    assert any(n.startswith(f"{top}.") for n in moved)  # then the top of the trunk trains
+    assert not {n for n in moved if n.startswith(("stem.", "stages.0."))}
+
+    _, _, moved = fit("freeze=stages", "freeze.depth=1", epochs=1)
+    assert not {n for n in moved if n.startswith(("stem.", "stages.0."))}
+    assert any(n.startswith(f"stages.{len(net.stages) - 1}.") for n in moved)

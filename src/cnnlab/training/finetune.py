@@ -18,13 +18,9 @@ log = logging.getLogger(__name__)
 
 
 def trunk(net: nn.Module) -> list[nn.Module]:
-    """Everything below the softmax layer, bottom to top: stem, each stage, the head's hidden layers.
-
-    GoogLeNet's side classifiers (aux heads) read from inside the trunk, so they go with it.
-    """
-    extras = [m for m in (net.head.hidden if hasattr(net.head, "hidden") else None, net.aux_heads)
-              if m is not None and any(True for _ in m.parameters())]
-    return [net.stem, *net.stages, *extras]
+    """Everything below the softmax layer, bottom to top: stem, each stage, the head's hidden layers."""
+    hidden = getattr(net.head, "hidden", None)
+    return [net.stem, *net.stages, *([hidden] if hidden is not None and len(hidden) else [])]
 
 
 class FreezeStages(BaseFinetuning):
@@ -54,8 +50,8 @@ class FreezeStages(BaseFinetuning):
         self.frozen: list[nn.Module] = []
 
     def modules_to_freeze(self, net: nn.Module) -> list[nn.Module]:
-        if self.depth is None:
-            return trunk(net)
+        if self.depth is None:  # GoogLeNet's side classifiers read from the frozen trunk: they stay as they are
+            return trunk(net) + ([net.aux_heads] if net.aux_heads is not None else [])
         if self.depth > len(net.stages):
             raise ConfigError(f"freeze.depth must be between 0 and {len(net.stages)} (the model's stages), "
                               f"got {self.depth}")
@@ -82,7 +78,8 @@ class GradualUnfreeze(FreezeStages):
 
     At each epoch in ``unfreeze_at`` the next module from the top (VGG's hidden FC layers, then
     the last stage, the one before, ..., the stem) starts training, with ``backbone_lr_factor``
-    times the head's learning rate, following the same schedule. Its parameters join the
+    times the head's learning rate, following the same schedule (GoogLeNet's side classifiers
+    stay frozen; gradients still flow through them to the stages they read). Its parameters join the
     optimizer as new groups (with and without weight decay, like the head's) and the LR schedule;
     Lightning's ``BaseFinetuning`` saves those groups in checkpoints, and a resumed run unfreezes
     whatever was due by its epoch, so resuming continues where the run stopped.
