@@ -18,19 +18,19 @@ FEWSHOT = ["data=shapes_fewshot", "trainer.max_epochs=30"]
 
 
 def test_fine_tuning_a_pretrained_trunk_beats_learning_from_scratch(tmp_path):
-    def train(*overrides):
-        run_dir = tmp_path / "runs" / str(len(list((tmp_path / "runs").glob("*"))) if (tmp_path / "runs").exists() else 0)
-        result = run_script("train.py", f"paths.root_dir={tmp_path}", f"hydra.run.dir={run_dir}", *COMMON, *overrides,
-                            timeout=600)
+    def train(name, *overrides):
+        run_dir = tmp_path / "runs" / name
+        result = run_script("train.py", f"paths.root_dir={tmp_path}", f"hydra.run.dir={run_dir}", f"run_name={name}",
+                            *COMMON, *overrides, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         return json.loads((run_dir / "metrics.json").read_text())["test/acc"], result
 
-    pretrained, _ = train(*PRETRAIN, "run_name=pretrain")
+    pretrained, _ = train("pretrain", *PRETRAIN)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (pretrain,) = client.search_runs([client.get_experiment_by_name("cnnlab").experiment_id])
-    fine_tuned, result = train(*FEWSHOT, f"model.pretrained=runs:/{pretrain.info.run_id}", "freeze=all_but_head")
+    fine_tuned, result = train("fine_tuned", *FEWSHOT, f"model.pretrained=runs:/{pretrain.info.run_id}", "freeze=all_but_head")
     assert "cached the frozen trunk's features" in result.stdout + result.stderr
-    scratch, _ = train(*FEWSHOT)
-    random_trunk, _ = train(*FEWSHOT, "freeze=all_but_head")  # the same head on a trunk that never learned
+    scratch, _ = train("scratch", *FEWSHOT)
+    random_trunk, _ = train("random_trunk", *FEWSHOT, "freeze=all_but_head")  # the same head on a trunk that never learned
     print(f"pretrained {pretrained:.3f}; fine-tuned {fine_tuned:.3f}, scratch {scratch:.3f}, frozen random trunk {random_trunk:.3f}")
     assert fine_tuned > scratch + 0.05 and fine_tuned > random_trunk + 0.05
