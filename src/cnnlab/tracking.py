@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,15 @@ def use_store(tracking_uri: str | None, default_db: str | Path) -> str:
     ``runs:/<id>`` references (pretrained weights, checkpoints to evaluate) resolve against it.
     """
     uri = tracking_uri or sqlite_uri(default_db)
+    chosen = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    # MLflow also exports the URI as MLFLOW_TRACKING_URI (for subprocesses). The config reads that variable
+    # as "a server was chosen", so later resolutions (the logger's, a sweep's next job) would treat the
+    # SQLite store as a server and put its artifacts under ./mlruns: leave the variable as the user set it.
+    if chosen is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = chosen
     return uri
 
 

@@ -14,6 +14,11 @@ from .augment import eval_transform, train_transform
 from .cache import CachedSplit, ImageCache
 
 
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """An HWC uint8 image as the CHW uint8 tensor the model module normalises."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
 class CachedImageDataset(Dataset):
     """Images of one cached split through an albumentations transform, as uint8 CHW tensors."""
 
@@ -27,7 +32,7 @@ class CachedImageDataset(Dataset):
 
     def __getitem__(self, index: int):
         image = self.transform(image=np.asarray(self.images[index]))["image"]
-        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), int(self.labels[index])
+        return to_tensor(image), int(self.labels[index])
 
 
 def seed_worker_transform(worker_id: int) -> None:

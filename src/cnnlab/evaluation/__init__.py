@@ -1,0 +1,1 @@
+"""Evaluation of trained checkpoints: test-time views (multi-crop), reports, ensembles."""

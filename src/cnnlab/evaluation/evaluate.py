@@ -1,0 +1,139 @@
+"""One evaluation run: a checkpoint on the test split, plain and with test-time views, tracked in MLflow."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import MLFlowLogger
+
+from .. import tracking
+from ..data.augment import tta_views
+from ..errors import ConfigError
+from ..training.module import ImageClassifier
+from ..training.run import command_line
+from .reports import scores, write_reports
+from .tta import predict, view_loader
+
+PLAIN = "none"  # the single view training's test step sees: the baseline every mode is compared with
+
+
+def load_checkpoint(reference: str) -> tuple[ImageClassifier, str | None]:
+    """The model of a checkpoint file or of ``runs:/<run id>``, and the MLflow run that trained it."""
+    path = tracking.run_artifact(reference) if reference.startswith("runs:/") else Path(reference).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {reference!r} not found")
+    try:
+        train_run_id = torch.load(path, map_location="cpu", weights_only=True).get("mlflow_run_id")
+    except Exception as error:  # weights_only refuses pickled code: say which file
+        raise ConfigError(f"cannot read {path} as a checkpoint: {str(error).splitlines()[0]}") from None
+    return ImageClassifier.load_from_checkpoint(path, map_location="cpu"), train_run_id
+
+
+def view_groups(mode: str, tta: Mapping, image_size: int) -> tuple[list, dict[str, slice]]:
+    """Each image's views and which of them each reported mode averages.
+
+    The plain view comes first and is scored alone as ``none``, so every evaluation also says
+    what the test-time views gain over it, from the same pass through the model.
+    """
+    plain = tta_views(image_size)
+    if mode == PLAIN:
+        if dict(tta) != {"crops": 1, "flip": False, "resize_ratio": 1.0, "scales": [1.0]}:
+            raise ConfigError("tta=none is the plain view alone; choose tta=flip, five_crop or ten_crop "
+                              f"to change the views (got {dict(tta)})")
+        return plain, {PLAIN: slice(0, 1)}
+    views = tta_views(image_size, **tta)
+    return plain + views, {PLAIN: slice(0, 1), mode: slice(1, 1 + len(views))}
+
+
+def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
+    """Score ``cfg.ckpt`` on the test split with ``none`` and the selected ``tta``; write and track the results."""
+    tracking.use_store(cfg.tracking_uri, cfg.paths.mlflow_db)  # where runs:/ references resolve
+    module, train_run_id = load_checkpoint(str(cfg.ckpt))
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()  # the cache: its classes and its test split
+    if module.classes != datamodule.classes:
+        raise ConfigError(f"the checkpoint's classes {module.classes} differ from the data's {datamodule.classes}: "
+                          "evaluate with the data settings it was trained with")
+    mode = cfg.evaluate.mode
+    views, groups = view_groups(mode, OmegaConf.to_container(cfg.tta, resolve=True), cfg.evaluate.image_size)
+    loader = view_loader(datamodule.cache.split("test"), views, cfg.evaluate.batch_size, datamodule.num_workers)
+    mode_views = groups[mode].stop - groups[mode].start
+    extra = "" if mode == PLAIN else f" (and the plain view, {PLAIN})"
+    print(f"Evaluating {cfg.ckpt} on {len(loader.dataset)} test images, "
+          f"tta={mode}: {mode_views} views per image{extra}")
+    probabilities, labels = predict(module, loader, groups, "cuda" if torch.cuda.is_available() else "cpu")
+    metrics = {name: scores(p, labels) for name, p in probabilities.items()}
+
+    logger = start_tracking(cfg, train_run_id)
+    try:
+        files = write_outputs(Path(cfg.evaluate.output_dir), cfg, metrics, probabilities[mode], labels,
+                              module.classes, train_run_id, logger)
+        if logger is not None:
+            log_run(logger, cfg, metrics, files, mode_views)
+    except BaseException:
+        if logger is not None:
+            logger.finalize("failed")
+        raise
+    if logger is not None:
+        logger.finalize("success")
+    report(metrics, mode, mode_views, cfg.evaluate.output_dir, logger)
+    return metrics
+
+
+def start_tracking(cfg: DictConfig, train_run_id: str | None) -> MLFlowLogger | None:
+    """This evaluation's MLflow run, in the same store and experiment (and artifact place) as training's."""
+    if not cfg.logger:
+        return None
+    tags = {"cnnlab.stage": "evaluate", "cnnlab.command": command_line()}
+    if train_run_id:
+        tags["cnnlab.train_run_id"] = train_run_id
+    return instantiate(cfg.logger, tags=tags, log_model=False)
+
+
+def write_outputs(directory: Path, cfg: DictConfig, metrics: dict, probabilities: torch.Tensor, labels: torch.Tensor,
+                  classes: list[str], train_run_id: str | None, logger: MLFlowLogger | None) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    reference = str(cfg.ckpt)
+    summary = {
+        "checkpoint": reference if reference.startswith("runs:/") else str(Path(reference).expanduser().resolve()),
+        "train_run_id": train_run_id,
+        "mlflow_run_id": logger.run_id if logger is not None else None,
+        "tta": cfg.evaluate.mode,
+        "classes": classes,
+    }
+    (directory / "evaluation.json").write_text(json.dumps(summary, indent=2))
+    # the run folder's metrics, also what DVC reads as the stage's metrics
+    (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    reports = write_reports(directory, probabilities, labels, classes, mode=cfg.evaluate.mode)
+    return [directory / "metrics.json", directory / "evaluation.json", *reports]
+
+
+def log_run(logger: MLFlowLogger, cfg: DictConfig, metrics: dict, files: list[Path], views: int) -> None:
+    # The model comes from the checkpoint, not from cfg.model: only what this run used is logged.
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    used = {key: resolved[key] for key in ("ckpt", "tta", "data", "evaluate")}
+    logger.log_hyperparams({**tracking.flatten(used), "views": views})
+    logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(used), "config.yaml")
+    logger.log_metrics({f"test/{mode}/{name}": value
+                        for mode, values in metrics.items() for name, value in values.items()})
+    for path in files:
+        logger.experiment.log_artifact(logger.run_id, str(path))
+
+
+def report(metrics: dict, mode: str, views: int, output_dir: str, logger: MLFlowLogger | None) -> None:
+    plain = metrics[PLAIN]["acc"]
+    line = f"\nTest accuracy: {PLAIN} {plain:.4f}"
+    if mode != PLAIN:
+        gain = 100 * (metrics[mode]["acc"] - plain)
+        line += f", {mode} {metrics[mode]['acc']:.4f} ({gain:+.2f} points with {views} views per image)"
+    print(line)
+    print(f"Outputs: {Path(output_dir).resolve()}")
+    if logger is not None:
+        uri = logger.experiment.tracking_uri
+        print(f"MLflow run {logger.run_id}. Open the UI with:\n  {tracking.ui_command(uri)}\n"
+              f"then {tracking.run_url(uri, logger.experiment_id, logger.run_id)}")
