@@ -56,7 +56,7 @@ def train(cfg: DictConfig) -> float:
     if freeze.cache_features:
         datamodule = train_on_cached_features(datamodule, module, Path(cfg.paths.data_dir) / "features")
 
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume_from)
     results = trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
     if trainer.is_global_zero:  # one summary per run, however many processes train it
         if HydraConfig.initialized():  # the run folder's summary, also what DVC reads as the stage's metrics
