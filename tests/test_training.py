@@ -135,3 +135,17 @@ def test_training_logs_to_an_mlflow_server_over_http(mlflow_server):
     assert "test/acc" in run.data.metrics
     assert "best/best.ckpt" in artifact_paths(client, run.info.run_id)
     assert list((tmp_path / "store").rglob("best.ckpt"))  # stored by the server, not by the client
+
+
+def test_resume_from_continues_a_stopped_run(tmp_path):
+    first = run_script("train.py", *tiny_overrides(tmp_path), "logger=none", "freeze=gradual", "freeze.unfreeze_at=[1]",
+                       f"hydra.run.dir={tmp_path}/first")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = run_script("train.py", *tiny_overrides(tmp_path), "logger=none", "freeze=gradual", "freeze.unfreeze_at=[1]",
+                         "trainer.max_epochs=2", f"resume_from={tmp_path}/first/checkpoints/last.ckpt",
+                         f"hydra.run.dir={tmp_path}/resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    output = resumed.stdout + resumed.stderr
+    assert "Restoring states from the checkpoint" in output and "unfroze stages.2" in output
+    checkpoint = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 2 * 64 // 16  # one more epoch, not two
