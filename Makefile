@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: setup train test test-fast ui lock clean
+.PHONY: setup train test test-fast ui lock clean params
 
 setup: $(INSTALLED)
 
@@ -28,6 +28,10 @@ test-fast: setup
 
 ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+
+# params.yaml from conf/pipeline.yaml, for `dvc repro` after an edit there (`dvc exp run` composes it itself).
+params: setup
+	$(PY) -m cnnlab.pipeline.params
 
 # Rewrite constraints.txt from the working venv after a dependency change (then run `make test`).
 lock: setup

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -79,6 +81,48 @@ def git_tags() -> dict[str, str]:
     except (OSError, subprocess.CalledProcessError):
         return {}
     return {"mlflow.source.git.commit": commit, "cnnlab.git_dirty": str(bool(dirty)).lower()}
+
+
+# Where a run's results go and what it is called, not what it computes: left out of its config hash.
+NOT_HASHED = ("paths", "tracking_uri", "logger", "experiment", "run_name", "tags")
+# Set by DVC for each stage command: the stage, and for `dvc exp run` the experiment and its baseline commit.
+DVC_TAGS = {"DVC_STAGE": "cnnlab.dvc.stage", "DVC_EXP_NAME": "cnnlab.dvc.exp_name",
+            "DVC_EXP_BASELINE_REV": "cnnlab.dvc.baseline_rev"}
+
+
+def run_tags(cfg, stage: str, command: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The MLflow tags of a run of train.py, evaluate.py, ensemble.py or report.py.
+
+    ``cnnlab.stage`` (``stage``, unless the config's ``tags`` say otherwise, as the pipeline's
+    pretraining does), ``cnnlab.command``, ``cnnlab.config_hash``, DVC's stage and experiment when
+    DVC runs it, ``extra`` (e.g. the runs an ensemble averages) and the config's ``tags``
+    (``+tags.cnnlab.member=a`` nests, and is tagged ``cnnlab.member``). The git commit comes with the logger.
+    """
+    from omegaconf import OmegaConf
+
+    tags = {"cnnlab.stage": stage, "cnnlab.command": command, "cnnlab.config_hash": config_hash(cfg)}
+    tags.update({tag: os.environ[name] for name, tag in DVC_TAGS.items() if os.environ.get(name)})
+    tags.update(extra or {})
+    configured = cfg.get("tags")
+    if configured:
+        flat = flatten(OmegaConf.to_container(configured, resolve=True))
+        tags.update({key: str(value) for key, value in flat.items() if value is not None})
+    return tags
+
+
+def config_hash(cfg) -> str:
+    """sha256 of the resolved config, less where its results go (``NOT_HASHED``); the run folder and the
+    project folder are written as placeholders, so the same work has the same hash in any run folder and
+    any copy of the project (a clone, DVC's experiment folders)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    text = json.dumps({k: v for k, v in resolved.items() if k not in NOT_HASHED}, sort_keys=True, default=str)
+    if HydraConfig.initialized():
+        text = text.replace(str(Path(HydraConfig.get().runtime.output_dir).resolve()), "<run folder>")
+    text = text.replace(str(Path.cwd().resolve()), "<project>")
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def log_data(logger: MLFlowLogger, cache) -> None:

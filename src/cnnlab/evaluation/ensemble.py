@@ -346,7 +346,7 @@ def _track(cfg, members: Sequence[Member], weights: Mapping[str, float], results
 
     from ..training.run import command_line
 
-    tags = {"cnnlab.stage": "ensemble", "cnnlab.command": command_line()}
+    tags = tracking.run_tags(cfg, "ensemble", command_line())
     for member in members:  # evaluate's run and the training run behind it, to walk back from the ensemble
         for key, tag in (("mlflow_run_id", "run_id"), ("train_run_id", "train_run_id")):
             if member.evaluation.get(key):

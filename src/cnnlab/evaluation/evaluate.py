@@ -89,7 +89,7 @@ def start_tracking(cfg: DictConfig, train_run_id: str | None) -> MLFlowLogger | 
     """This evaluation's MLflow run, in the same store and experiment (and artifact place) as training's."""
     if not cfg.logger:
         return None
-    tags = {"cnnlab.stage": "evaluate", "cnnlab.command": command_line()}
+    tags = tracking.run_tags(cfg, "evaluate", command_line())
     if train_run_id:
         tags["cnnlab.train_run_id"] = train_run_id
     return instantiate(cfg.logger, tags=tags, log_model=False)

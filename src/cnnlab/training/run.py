@@ -45,7 +45,7 @@ def train(cfg: DictConfig) -> float:
     pl.seed_everything(cfg.seed, workers=True)
     tracking.use_store(cfg.tracking_uri, cfg.paths.mlflow_db)  # where runs:/ references resolve
     datamodule, module = build(cfg)
-    logger = instantiate(cfg.logger, tags={"cnnlab.command": command_line()}) if cfg.logger else None
+    logger = instantiate(cfg.logger, tags=tracking.run_tags(cfg, "train", command_line())) if cfg.logger else None
     freeze = instantiate(cfg.freeze)
     callbacks = [freeze, *(c for c in instantiate(cfg.callbacks).values() if c is not None)]
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks)

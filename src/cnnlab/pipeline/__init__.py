@@ -1,0 +1,1 @@
+"""The main DVC pipeline's own code (dvc.yaml): its params file, per-epoch histories, the report."""
