@@ -179,19 +179,27 @@ def link(target: Path, start: Path) -> str:
     return Path(os.path.relpath(target.resolve(), start.resolve())).as_posix()
 
 
+def task(params: dict) -> str:
+    """"10 classes, 5,000 training images": the data a training run's logged params describe."""
+    classes = sum(1 for key in params if key.startswith("data.source.classes."))
+    return f"{classes} classes, {int(params.get('data.source.train_size', 0)):,} training images"
+
+
+def plural(count, noun: str) -> str:
+    return f"{count} {noun}{'' if str(count) == '1' else 's'}"
+
+
 def markdown(experiment: str, pretrain: dict, pretrain_run: Run, members: list[Member], ensemble: dict,
              ensemble_run: Run, results: Path, out: Path) -> str:
     params = pretrain_run.data.params
     target = members[0].train_run.data.params
-    classes = members[0].evaluation.get("classes", [])
     lines = [
         f"# Pipeline report: `{experiment}`", "",
-        f"A `{params.get('model.name', '?')}` pretrained on `{params.get('data.source.name', 'the source task')}`"
-        f" ({params.get('data.source.train_size', '?')} training images, {params.get('trainer.max_epochs', '?')} epochs)"
-        f" reaches **{pretrain['test/acc']:.4f}** test accuracy there. {len(members)} members fine-tuned from it on the"
-        f" target task ({len(classes)} classes, {target.get('data.source.train_size', '?')} training images) were"
-        f" evaluated with the plain view and with `tta={members[0].tta}`, then averaged: the ensemble reaches"
-        f" **{ensemble[ENSEMBLE]['acc']:.4f}**.", "",
+        f"Pretraining: `{params.get('model.name', '?')}` on the source task ({task(params)},"
+        f" {plural(params.get('trainer.max_epochs', '?'), 'epoch')}) reaches **{pretrain['test/acc']:.4f}** test accuracy.",
+        f"Fine-tuning: {plural(len(members), 'member')} on the target task ({task(target)}), each scored on its"
+        f" {int(target.get('data.source.test_size', 0)):,} test images with the plain view and with"
+        f" `tta={members[0].tta}`, averaged into an ensemble that reaches **{ensemble[ENSEMBLE]['acc']:.4f}**.", "",
         "## Target task: test accuracy", "",
         *members_table(members, ensemble), "",
         "![Test accuracy of each member, plain and with test-time views, and of the ensemble](accuracy.png)", "",
