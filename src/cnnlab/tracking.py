@@ -111,16 +111,22 @@ def run_tags(cfg, stage: str, command: str, extra: Mapping[str, str] | None = No
 
 
 def config_hash(cfg) -> str:
-    """sha256 of the resolved config, less where its results go (``NOT_HASHED``); the run folder and the
-    project folder are written as placeholders, so the same work has the same hash in any run folder and
-    any copy of the project (a clone, DVC's experiment folders)."""
+    """sha256 of the resolved config, less where its results go and what it is called (``NOT_HASHED``).
+
+    The folders of ``paths`` are resolved as placeholders (so a data root under them is too), and the
+    run folder and the project folder are written as placeholders: the same work has the same hash in
+    any run folder and any copy of the project (a clone, DVC's experiment folders).
+    """
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    config = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    for key in config.get("paths") or {}:
+        config.paths[key] = f"<paths.{key}>"
+    resolved = OmegaConf.to_container(config, resolve=True)
     text = json.dumps({k: v for k, v in resolved.items() if k not in NOT_HASHED}, sort_keys=True, default=str)
-    if HydraConfig.initialized():
-        text = text.replace(str(Path(HydraConfig.get().runtime.output_dir).resolve()), "<run folder>")
+    if HydraConfig.initialized():  # the folder as the config resolves it (absolute in a run)
+        text = text.replace(str(HydraConfig.get().runtime.output_dir), "<run folder>")
     text = text.replace(str(Path.cwd().resolve()), "<project>")
     return hashlib.sha256(text.encode()).hexdigest()
 

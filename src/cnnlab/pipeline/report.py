@@ -196,7 +196,8 @@ def markdown(experiment: str, pretrain: dict, pretrain_run: Run, members: list[M
     lines = [
         f"# Pipeline report: `{experiment}`", "",
         f"Pretraining: `{params.get('model.name', '?')}` on the source task ({task(params)},"
-        f" {plural(params.get('trainer.max_epochs', '?'), 'epoch')}) reaches **{pretrain['test/acc']:.4f}** test accuracy.",
+        f" {plural(params.get('trainer.max_epochs', '?'), 'epoch')}) reaches **{pretrain['test/acc']:.4f}**"
+        " test accuracy.",
         f"Fine-tuning: {plural(len(members), 'member')} on the target task ({task(target)}), each scored on its"
         f" {int(target.get('data.source.test_size', 0)):,} test images with the plain view and with"
         f" `tta={members[0].tta}`, averaged into an ensemble that reaches **{ensemble[ENSEMBLE]['acc']:.4f}**.", "",

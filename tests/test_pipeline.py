@@ -1,0 +1,303 @@
+"""The main DVC pipeline (dvc.yaml): its params, and a tiny pipeline run end to end with real `dvc`
+commands in a temporary git repository, read back from its MLflow store."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from mlflow.tracking import MlflowClient
+
+from cnnlab import tracking
+from cnnlab.pipeline.params import compose
+from conftest import CONF_DIR, ROOT
+
+DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+# --- params.yaml and dvc.yaml, without running anything ------------------------------------------
+
+def test_params_yaml_is_conf_pipeline_composed_as_dvc_composes_it(tmp_path):
+    from dvc.utils.hydra import compose_and_dump
+
+    composed = compose(CONF_DIR)
+    assert (ROOT / "params.yaml").read_text() == composed, "params.yaml is stale: run `make params`"
+    compose_and_dump(tmp_path / "params.yaml", str(CONF_DIR), None, "pipeline", str(ROOT), [])
+    assert (tmp_path / "params.yaml").read_text() == composed  # what `dvc exp run` writes, to the byte
+
+
+def test_dvc_composes_params_yaml_from_conf_pipeline():
+    from dvc.repo import Repo
+
+    hydra = Repo(str(ROOT)).config["hydra"]
+    assert hydra["enabled"] and hydra["config_name"] == "pipeline" and hydra.get("config_dir", "conf") == "conf"
+
+
+def stage_keys(name: str, stage: dict) -> tuple[set[str], set[str]]:
+    """The params keys a stage's command interpolates, and those it lists (``item.`` spelled out)."""
+    collection = stage["foreach"].strip("${}") if "foreach" in stage else None
+    body = stage.get("do", stage)
+
+    def spelled(key: str) -> str:
+        return re.sub(r"^item\b", f"{collection}.${{key}}", key) if collection else key
+
+    used = {spelled(key) for key in re.findall(r"(?<!\\)\$\{([^}]+)\}", body["cmd"]) if key != "key"}
+    return used, {spelled(key) for key in body.get("params", [])}
+
+
+@pytest.mark.parametrize("name", list(DVC_YAML["stages"]))
+def test_each_stage_lists_exactly_the_params_its_command_uses(name):
+    used, listed = stage_keys(name, DVC_YAML["stages"][name])
+    covered = {key for key in used if any(key == p or key.startswith(p + ".") for p in listed)}
+    assert covered == used, f"{name}: its command uses {sorted(used - covered)}, which params: does not list"
+    unused = {p for p in listed if not any(key == p or key.startswith(p + ".") for key in used)}
+    assert not unused, f"{name}: params: lists {sorted(unused)}, which its command does not use"
+
+
+def test_the_ensemble_stage_averages_exactly_the_members_in_params():
+    # src/ensemble.py takes a name -> folder mapping, which DVC cannot build from params: dvc.yaml
+    # spells it out, and this keeps it in step with params.yaml.
+    stage = DVC_YAML["stages"]["ensemble"]
+    overrides = OverridesParser.create().parse_overrides(
+        [o.strip("'") for o in re.findall(r"'members=[^']*'", stage["cmd"])])
+    members = overrides[0].value()
+    assert sorted(members) == sorted(PARAMS["members"])
+    assert members == {name: f"results/evaluate/{name}" for name in PARAMS["members"]}
+    assert {f"results/evaluate/{name}" for name in PARAMS["members"]} <= set(stage["deps"])
+
+
+@pytest.fixture
+def run_config(compose):
+    """A composed config as a run sees it: ${hydra:...} resolves, no hydra node."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    def _config(*overrides):
+        cfg = compose(*overrides, return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(Path(cfg.hydra.run.dir).resolve())  # as in a run
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
+
+    return _config
+
+
+def test_config_hash_follows_what_a_run_computes_not_where_it_goes(run_config):
+    base = tracking.config_hash(run_config())
+    assert re.fullmatch(r"[0-9a-f]{64}", base)
+    assert tracking.config_hash(run_config("paths.root_dir=/elsewhere", "experiment=x", "+tags.cnnlab.member=a",
+                                           "hydra.run.dir=/tmp/other")) == base
+    assert tracking.config_hash(run_config("seed=1")) != base
+    assert tracking.config_hash(run_config("model=resnet18")) != base
+
+
+def test_run_tags_take_the_config_tags_and_dvc_stage(run_config, monkeypatch):
+    cfg = run_config("+tags.cnnlab.stage=pretrain", "+tags.cnnlab.member=a", "+tags.team=vision")
+    monkeypatch.setenv("DVC_STAGE", "train@a")
+    monkeypatch.setenv("DVC_EXP_NAME", "tidy-frog")
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)
+    tags = tracking.run_tags(cfg, "train", "python src/train.py", {"cnnlab.ensemble.run_id": "abc"})
+    assert tags["cnnlab.stage"] == "pretrain"  # the config's tags win over the script's stage
+    assert tags["cnnlab.member"] == "a" and tags["team"] == "vision"
+    assert tags["cnnlab.command"] == "python src/train.py" and tags["cnnlab.ensemble.run_id"] == "abc"
+    assert tags["cnnlab.dvc.stage"] == "train@a" and tags["cnnlab.dvc.exp_name"] == "tidy-frog"
+    assert "cnnlab.dvc.baseline_rev" not in tags
+    assert tags["cnnlab.config_hash"] == tracking.config_hash(cfg)
+
+
+# --- a tiny pipeline, run with dvc --------------------------------------------------------------
+
+TINY = {"num_workers": 0,
+        "data": {"source": {"train_size": 64, "val_size": 32, "test_size": 32},
+                 "target": {"train_size": 24, "val_size": 12, "test_size": 24}},
+        "pretrain": {"max_epochs": 1},
+        "members": {"a": {"max_epochs": 1}, "b": {"max_epochs": 1}}}
+MEMBER_STAGES = {"train@a", "evaluate@a", "ensemble", "report"}
+
+
+def merge(config: dict, changes: dict) -> None:
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            merge(config[key], value)
+        else:
+            config[key] = value
+
+
+def project_copy(root: Path) -> Path:
+    """The project's files (those git would commit) in a new git repository, with a tiny conf/pipeline.yaml."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, files):
+        if (ROOT / name).is_file():  # ls-files still lists a file deleted but not yet committed
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, root / name)
+    config = yaml.safe_load((root / "conf" / "pipeline.yaml").read_text())
+    merge(config, TINY)
+    (root / "conf" / "pipeline.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (root / "params.yaml").write_text(compose(root / "conf"))
+    git(root, "init", "-q")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "tiny pipeline")
+    return root
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, env=environment(), capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def environment() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI" and not k.startswith("DVC_")}
+    identity = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+                "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
+    # stages run `python ...`: this interpreter's environment first
+    return {**env, **identity, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+            "NO_ALBUMENTATIONS_UPDATE": "1", "DVC_NO_ANALYTICS": "1"}
+
+
+def dvc(repo: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    dvc_exe = Path(sys.executable).parent / "dvc"
+    result = subprocess.run([str(dvc_exe), *args], cwd=repo, env=environment(), capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, f"dvc {' '.join(args)}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def stages_run(result: subprocess.CompletedProcess) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", result.stdout + result.stderr))
+
+
+ALL_STAGES = {"prepare@source", "prepare@target", "pretrain", "train@a", "train@b", "evaluate@a", "evaluate@b",
+              "ensemble", "report"}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """The tiny pipeline's life: repro, repro again, then one member changed with -S in a queued experiment."""
+    repo = project_copy(tmp_path_factory.mktemp("pipeline"))
+    steps = {"repro": dvc(repo, "repro")}
+    steps["commit"] = git(repo, "rev-parse", "HEAD")
+    steps["metrics"] = json.loads(dvc(repo, "metrics", "show", "--json").stdout)
+    steps["status"] = dvc(repo, "status")
+    steps["again"] = dvc(repo, "repro")
+    steps["untracked"] = git(repo, "status", "--porcelain", "--untracked-files=all").split("\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "tiny pipeline: results")  # what dvc repro then tells you to do
+    # A queued experiment runs in a copy under .dvc/tmp/exps: its runs must still reach the project's store.
+    # Another model cannot start from the pretrained resnet_small's weights: this member starts from scratch.
+    dvc(repo, "exp", "run", "--queue", "-S", "members.a.model=resnet18", "-S", "members.a.pretrained=false")
+    steps["member"] = dvc(repo, "exp", "run", "--run-all")
+    steps["experiments"] = dvc(repo, "exp", "show", "--json").stdout
+    return repo, steps
+
+
+def runs(repo: Path, stage: str | None = None):
+    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    experiment = client.get_experiment_by_name("pipeline")
+    query = f"tags.`cnnlab.stage` = '{stage}'" if stage else ""
+    return client, client.search_runs([experiment.experiment_id], query, order_by=["attributes.start_time ASC"])
+
+
+@pytest.mark.slow
+def test_repro_runs_every_stage_and_writes_metrics_and_plots(pipeline):
+    repo, steps = pipeline
+    assert stages_run(steps["repro"]) == ALL_STAGES
+    assert "Data and pipelines are up to date" in steps["status"].stdout
+    metrics = steps["metrics"][""]["data"]
+    assert 0 <= metrics["results/pretrain/metrics.json"]["data"]["test/acc"] <= 1
+    for member in ("a", "b"):
+        evaluation = metrics[f"results/evaluate/{member}/metrics.json"]["data"]
+        assert set(evaluation) == {"none", PARAMS["evaluate"]["tta"]}
+        assert (repo / f"results/train/{member}/checkpoints/best.ckpt").is_file()
+        assert (repo / f"results/train/{member}/history.csv").read_text().startswith("epoch,")
+    assert set(metrics["results/ensemble/metrics.json"]["data"]) == {"a", "b", "ensemble"}
+    report = (repo / "results/report/report.md").read_text()
+    assert "| a |" in report and "![" in report and (repo / "results/report/report.html").is_file()
+    plots = dvc(repo, "plots", "show", "-o", str(repo / "plots_out"))
+    assert (repo / "plots_out" / "index.html").is_file(), plots.stdout
+    # big and per-image outputs in the DVC cache (git-ignored), summaries for git, Hydra's files nowhere
+    cached = ["results/data/source", "results/train/a/checkpoints", "results/evaluate/a/evaluation.json",
+              "results/evaluate/a/predictions.csv", "results/ensemble/members.md"]
+    summaries = ["results/train/a/metrics.json", "results/train/a/history.csv", "results/evaluate/a/per_class.csv",
+                 "results/ensemble/metrics.json", "results/report/report.md"]
+    ignored = subprocess.run(["git", "check-ignore", *cached, *summaries], cwd=repo, capture_output=True,
+                             text=True).stdout.split()
+    assert ignored == cached
+    new_files = {line[3:] for line in steps["untracked"]}
+    assert set(summaries) <= new_files and "dvc.lock" in new_files
+    assert not [name for name in new_files if "/.hydra/" in name or name.endswith(".log")]
+
+
+@pytest.mark.slow
+def test_second_repro_is_a_no_op(pipeline):
+    _, steps = pipeline
+    assert stages_run(steps["again"]) == set()
+    assert "Data and pipelines are up to date" in steps["again"].stdout
+
+
+@pytest.mark.slow
+def test_each_stage_is_one_tagged_run_in_one_experiment(pipeline):
+    repo, steps = pipeline
+    client, found = runs(repo)
+    first = [run for run in found if "cnnlab.dvc.exp_name" not in run.data.tags]  # those of `dvc repro`
+    by_stage = {}
+    for run in first:
+        tags = run.data.tags
+        by_stage.setdefault(tags["cnnlab.stage"], []).append(run)
+        assert run.info.status == "FINISHED"
+        assert tags["mlflow.source.git.commit"] == steps["commit"]
+        assert re.fullmatch(r"[0-9a-f]{64}", tags["cnnlab.config_hash"])
+        assert run.info.artifact_uri.startswith((repo / "mlartifacts").as_uri())
+    assert {stage: len(r) for stage, r in by_stage.items()} == {"pretrain": 1, "train": 2, "evaluate": 2,
+                                                               "ensemble": 1, "report": 1}
+    assert sorted(r.data.tags["cnnlab.member"] for r in by_stage["train"]) == ["a", "b"]
+    assert sorted(r.data.tags["cnnlab.dvc.stage"] for r in by_stage["evaluate"]) == ["evaluate@a", "evaluate@b"]
+    train = {r.data.tags["cnnlab.member"]: r.info.run_id for r in by_stage["train"]}
+    evaluate = {r.data.tags["cnnlab.member"]: r for r in by_stage["evaluate"]}
+    for member, run in evaluate.items():  # each evaluation names the training it scored
+        assert run.data.tags["cnnlab.train_run_id"] == train[member]
+    for stage in ("ensemble", "report"):
+        tags = by_stage[stage][0].data.tags
+        for member in ("a", "b"):
+            assert tags[f"cnnlab.member.{member}.run_id"] == evaluate[member].info.run_id
+            assert tags[f"cnnlab.member.{member}.train_run_id"] == train[member]
+    report = by_stage["report"][0].data.tags
+    assert report["cnnlab.pretrain.run_id"] == by_stage["pretrain"][0].info.run_id
+    assert report["cnnlab.ensemble.run_id"] == by_stage["ensemble"][0].info.run_id
+    artifacts = {a.path for a in client.list_artifacts(train["a"], "best")}
+    assert "best/best.ckpt" in artifacts  # the checkpoint DVC caches is also the run's artifact
+    assert {a.path for a in client.list_artifacts(evaluate["a"].info.run_id)} >= {"predictions.csv", "metrics.json"}
+
+
+@pytest.mark.slow
+def test_a_member_change_reruns_only_its_stages_and_changes_what_trains(pipeline):
+    repo, steps = pipeline
+    assert stages_run(steps["member"]) == MEMBER_STAGES
+    _, trained = runs(repo, "train")
+    changed = [r for r in trained if r.data.tags.get("cnnlab.dvc.exp_name")]
+    assert len(changed) == 1
+    assert changed[0].data.tags["cnnlab.member"] == "a" and changed[0].data.tags["cnnlab.dvc.stage"] == "train@a"
+    assert changed[0].data.params["model.name"] == "resnet18"
+    assert changed[0].data.params["model.pretrained"] == "False"
+    assert changed[0].data.tags["cnnlab.dvc.exp_name"] in steps["experiments"]
+
+
+@pytest.mark.slow
+def test_a_queued_experiment_logs_into_the_projects_store(pipeline):
+    repo, _ = pipeline
+    _, found = runs(repo)
+    queued = [r for r in found if r.data.tags.get("cnnlab.dvc.exp_name")]
+    assert sorted(r.data.tags["cnnlab.stage"] for r in queued) == ["ensemble", "evaluate", "report", "train"]
+    for run in queued:  # artifacts next to the project's store, not in the temporary copy
+        assert run.info.status == "FINISHED"
+        assert run.info.artifact_uri.startswith((repo / "mlartifacts").as_uri())
+    assert not list((repo / ".dvc" / "tmp" / "exps").rglob("mlflow.db"))
