@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +104,14 @@ def describe_start(params: dict) -> str:
     return "random weights" if weights in ("None", "False", "") else f"`{weights}`"
 
 
+def override(run: Run, key: str) -> str:
+    """The value the run's command line gave ``key`` (a config group's choice is logged nowhere else)."""
+    for token in run.data.tags.get("cnnlab.command", "").split():
+        if token.startswith(f"{key}="):
+            return token.partition("=")[2]
+    return "?"
+
+
 def trainable(params: dict) -> str:
     try:
         return f"{int(params['params_trainable']):,} of {int(params['params_total']):,}"
@@ -111,19 +120,25 @@ def trainable(params: dict) -> str:
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    """A Markdown table; columns of numbers (and blanks) align right."""
+    def numeric(cell: str) -> bool:
+        return re.fullmatch(r"\**[-+]?[\d,.]+( of [\d,]+| points)?\**|", cell) is not None
+
+    align = ["---:" if all(numeric(row[i]) for row in rows) else "---" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def members_table(members: list[Member], ensemble: dict) -> list[str]:
     modes = list(dict.fromkeys(m.tta for m in members))
-    header = ["member", "model", "starts from", "trainable parameters", "epochs", f"acc ({PLAIN})",
+    header = ["member", "model", "starts from", "freeze", "trainable at start", "epochs", f"acc ({PLAIN})",
               *(f"acc ({mode})" for mode in modes if mode != PLAIN), "gain"]
     rows = []
     for m in members:
         params = m.train_run.data.params
         plain, tta = m.scores[PLAIN]["acc"], m.scores[m.tta]["acc"]
-        rows.append([m.name, f"`{params.get('model.name', '?')}`", describe_start(params), trainable(params),
+        rows.append([m.name, f"`{params.get('model.name', '?')}`", describe_start(params),
+                     f"`{override(m.train_run, 'freeze')}`", trainable(params),
                      params.get("trainer.max_epochs", "?"), f"{plain:.4f}",
                      *(f"{tta:.4f}" if mode == m.tta else "" for mode in modes if mode != PLAIN),
                      f"{100 * (tta - plain):+.2f} points"])
