@@ -241,7 +241,7 @@ def html(text: str, title: str) -> str:
     body = MarkdownIt("commonmark").enable("table").render(text)
     style = ("body{font-family:sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2rem .5rem}"
-             "td:not(:first-child){text-align:right}img{max-width:100%}")
+             "img{max-width:100%}")
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title><style>{style}</style>"
             f"</head><body>\n{body}</body></html>\n")
 
