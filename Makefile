@@ -20,8 +20,8 @@ $(INSTALLED): pyproject.toml constraints.txt
 train: setup
 	$(PY) src/train.py $(ARGS)
 
-test: setup
-	$(PY) -m pytest $(ARGS)
+test: setup  # two processes, each file in one of them (module fixtures run once)
+	$(PY) -m pytest -n 2 --dist loadfile $(ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(ARGS)
