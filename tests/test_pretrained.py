@@ -14,7 +14,6 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from cnnlab.errors import ConfigError
 from cnnlab.models.pretrained import cached_file, load_pretrained, map_state_dict

@@ -1,6 +1,5 @@
 """Every model of the zoo trains through the project's own path; families at 32, 64 and 224 px."""
 
-from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl

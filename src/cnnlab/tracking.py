@@ -8,7 +8,8 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -164,3 +165,29 @@ def ui_command(tracking_uri: str) -> str:
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     base = "http://127.0.0.1:5000" if tracking_uri.startswith("sqlite:") else tracking_uri.rstrip("/")
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+@contextmanager
+def finished(logger: MLFlowLogger | None) -> Iterator[MLFlowLogger | None]:
+    """Close the logger's run when the block ends: FAILED if it raised, FINISHED otherwise (None: nothing)."""
+    try:
+        yield logger
+    except BaseException:
+        if logger is not None:
+            logger.finalize("failed")
+        raise
+    if logger is not None:
+        logger.finalize("success")
+
+
+def log_files(logger: MLFlowLogger, files: Iterable[Path]) -> None:
+    for path in files:
+        logger.experiment.log_artifact(logger.run_id, str(path))
+
+
+def print_how_to_open(logger: MLFlowLogger | None) -> None:
+    """The run's id, the command that opens the UI on its store and the run's address there."""
+    if logger is not None:
+        uri = logger.experiment.tracking_uri
+        print(f"MLflow run {logger.run_id}. Open the UI with:\n  {ui_command(uri)}\n"
+              f"then {run_url(uri, logger.experiment_id, logger.run_id)}")

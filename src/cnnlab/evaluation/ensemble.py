@@ -333,10 +333,7 @@ def ensemble(cfg) -> dict[str, dict[str, float]]:
     logger = _track(cfg, members, weights, results, files) if cfg.logger else None
 
     print(f"\n{summary(results, how)}\n\n{text_table(results, weights)}\nWrote {out}")
-    if logger is not None:
-        uri = logger.experiment.tracking_uri
-        print(f"MLflow run {logger.run_id}. Open the UI with:\n  {tracking.ui_command(uri)}\n"
-              f"then {tracking.run_url(uri, logger.experiment_id, logger.run_id)}")
+    tracking.print_how_to_open(logger)
     return results
 
 
@@ -352,16 +349,10 @@ def _track(cfg, members: Sequence[Member], weights: Mapping[str, float], results
             if member.evaluation.get(key):
                 tags[f"cnnlab.member.{member.name}.{tag}"] = str(member.evaluation[key])
     tracking.use_store(cfg.tracking_uri, cfg.paths.mlflow_db)
-    logger = instantiate(cfg.logger, tags=tags, log_model=False)
-    try:
+    with tracking.finished(instantiate(cfg.logger, tags=tags, log_model=False)) as logger:
         logger.log_hyperparams({"average": cfg.average, **{f"members.{m.name}": str(m.folder) for m in members},
                                 **{f"weights.{name}": weight for name, weight in weights.items()}})
         logger.log_metrics({f"test/{name}/{metric}": value
                             for name, values in results.items() for metric, value in values.items()})
-        for path in files:
-            logger.experiment.log_artifact(logger.run_id, str(path))
-    except BaseException:
-        logger.finalize("failed")
-        raise
-    logger.finalize("success")
+        tracking.log_files(logger, files)
     return logger

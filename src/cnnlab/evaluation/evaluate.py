@@ -69,18 +69,11 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     probabilities, labels = predict(module, loader, groups, "cuda" if torch.cuda.is_available() else "cpu")
     metrics = {name: scores(p, labels) for name, p in probabilities.items()}
 
-    logger = start_tracking(cfg, train_run_id)
-    try:
+    with tracking.finished(start_tracking(cfg, train_run_id)) as logger:
         files = write_outputs(Path(cfg.evaluate.output_dir), cfg, metrics, probabilities[mode], labels,
                               module.classes, train_run_id, logger)
         if logger is not None:
             log_run(logger, cfg, metrics, files, mode_views)
-    except BaseException:
-        if logger is not None:
-            logger.finalize("failed")
-        raise
-    if logger is not None:
-        logger.finalize("success")
     report(metrics, mode, mode_views, cfg.evaluate.output_dir, logger)
     return metrics
 
@@ -121,8 +114,7 @@ def log_run(logger: MLFlowLogger, cfg: DictConfig, metrics: dict, files: list[Pa
     logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(used), "config.yaml")
     logger.log_metrics({f"test/{mode}/{name}": value
                         for mode, values in metrics.items() for name, value in values.items()})
-    for path in files:
-        logger.experiment.log_artifact(logger.run_id, str(path))
+    tracking.log_files(logger, files)
 
 
 def report(metrics: dict, mode: str, views: int, output_dir: str, logger: MLFlowLogger | None) -> None:
@@ -133,7 +125,4 @@ def report(metrics: dict, mode: str, views: int, output_dir: str, logger: MLFlow
         line += f", {mode} {metrics[mode]['acc']:.4f} ({gain:+.2f} points with {views} views per image)"
     print(line)
     print(f"Outputs: {Path(output_dir).resolve()}")
-    if logger is not None:
-        uri = logger.experiment.tracking_uri
-        print(f"MLflow run {logger.run_id}. Open the UI with:\n  {tracking.ui_command(uri)}\n"
-              f"then {tracking.run_url(uri, logger.experiment_id, logger.run_id)}")
+    tracking.print_how_to_open(logger)

@@ -280,15 +280,9 @@ def log_run(cfg: DictConfig, tags: dict, pretrain: dict, members: list[Member], 
             files: list[Path]) -> None:
     from hydra.utils import instantiate
 
-    logger = instantiate(cfg.logger, tags=tags, log_model=False)
-    try:
+    with tracking.finished(instantiate(cfg.logger, tags=tags, log_model=False)) as logger:
         metrics = {"pretrain/test/acc": pretrain["test/acc"], f"test/{ENSEMBLE}/acc": ensemble[ENSEMBLE]["acc"]}
         for m in members:
             metrics.update({f"test/{m.name}/{mode}/acc": values["acc"] for mode, values in m.scores.items()})
         logger.log_metrics(metrics)
-        for path in files:
-            logger.experiment.log_artifact(logger.run_id, str(path))
-    except BaseException:
-        logger.finalize("failed")
-        raise
-    logger.finalize("success")
+        tracking.log_files(logger, files)

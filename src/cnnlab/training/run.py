@@ -70,7 +70,4 @@ def report(results: dict, trainer: pl.Trainer, logger: MLFlowLogger | None) -> N
     summary = ", ".join(f"{name.removeprefix('test/')} {value:.4f}" for name, value in sorted(results.items()))
     print(f"\nTest accuracy: {results['test/acc']:.4f}  ({summary})")
     print(f"Best checkpoint: {trainer.checkpoint_callback.best_model_path}")
-    if logger is not None:
-        uri = logger.experiment.tracking_uri
-        print(f"MLflow run {logger.run_id}. Open the UI with:\n  {tracking.ui_command(uri)}\n"
-              f"then {tracking.run_url(uri, logger.experiment_id, logger.run_id)}")
+    tracking.print_how_to_open(logger)
