@@ -133,10 +133,16 @@ def merge(config: dict, changes: dict) -> None:
 
 
 def project_copy(root: Path) -> Path:
-    """The project's files (those git would commit) in a new git repository, with a tiny conf/pipeline.yaml."""
+    """The project's files (those git would commit) in a new git repository, with a tiny conf/pipeline.yaml.
+
+    The committed results of the default pipeline (dvc.lock, results/) stay behind: the tiny
+    pipeline starts from code alone, as a project before its first `dvc repro`.
+    """
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split("\0")
     for name in filter(None, files):
+        if name == "dvc.lock" or name.startswith("results/"):
+            continue
         if (ROOT / name).is_file():  # ls-files still lists a file deleted but not yet committed
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, root / name)
