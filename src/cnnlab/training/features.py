@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +24,12 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from ..data.cache import SPLITS, ImageCache, is_prepared, write_arrays
 from ..data.augment import eval_transform
+from ..data.cache import SPLITS, ImageCache, is_prepared, write_arrays
 from ..data.datamodule import CachedImageDataset, ImageDataModule
 from .finetune import trunk
 from .module import ImageClassifier
 
-log = logging.getLogger(__name__)
 
 
 def features_key(module: ImageClassifier, datamodule: ImageDataModule) -> str:

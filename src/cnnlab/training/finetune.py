@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Sequence
 
 from pytorch_lightning.callbacks import BaseFinetuning
@@ -14,7 +13,6 @@ from torch.optim.lr_scheduler import LambdaLR
 from ..errors import ConfigError
 from .module import parameter_groups
 
-log = logging.getLogger(__name__)
 
 
 def trunk(net: nn.Module) -> list[nn.Module]:
