@@ -35,6 +35,21 @@ class CachedImageDataset(Dataset):
         return to_tensor(image), int(self.labels[index])
 
 
+def batches(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0) -> DataLoader:
+    """The project's DataLoader: every sample, in order unless shuffled, workers reseeded.
+
+    Every image is kept (few-shot sets are small), except a last training batch of one image,
+    which BatchNorm cannot normalise.
+    """
+    lone_last = shuffle and len(dataset) % batch_size == 1
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, drop_last=lone_last,
+        num_workers=num_workers, persistent_workers=num_workers > 0,
+        worker_init_fn=seed_worker_transform if num_workers > 0 else None,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
 def seed_worker_transform(worker_id: int) -> None:
     """Give each worker's albumentations pipeline its own reproducible stream.
 
@@ -86,16 +101,7 @@ class ImageDataModule(pl.LightningDataModule):
         }
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
-        dataset = self.datasets[split]
-        # Keep every image (few-shot sets are small), except a last training batch of one image,
-        # which BatchNorm cannot normalise.
-        lone_last = shuffle and len(dataset) % batch_size == 1
-        return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, drop_last=lone_last,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-            worker_init_fn=seed_worker_transform if self.num_workers > 0 else None,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return batches(self.datasets[split], batch_size, shuffle, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True, batch_size=self.batch_size)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..data.augment import eval_transform
 from ..data.cache import SPLITS, ImageCache, is_prepared, write_arrays
-from ..data.datamodule import CachedImageDataset, ImageDataModule
+from ..data.datamodule import CachedImageDataset, ImageDataModule, batches
 from .finetune import trunk
 from .module import ImageClassifier
 
@@ -83,7 +83,7 @@ class CachedFeatureDataModule(pl.LightningDataModule):
         arrays = {}
         for split in SPLITS:
             images = CachedImageDataset(self.images.cache.split(split), eval_transform(self.images.image_size))
-            loader = DataLoader(images, batch_size=self.images.eval_batch_size, num_workers=self.images.num_workers)
+            loader = batches(images, self.images.eval_batch_size, shuffle=False, num_workers=self.images.num_workers)
             arrays[f"{split}_features"], arrays[f"{split}_labels"] = extract(self.module, loader, f"Features ({split})")
         write_arrays(self.dir, arrays, {"classes": self.classes, "model": self.module.net.name,
                                         "data": self.images.cache.dir.name, "dim": int(arrays["train_features"].shape[1])})
@@ -97,19 +97,14 @@ class CachedFeatureDataModule(pl.LightningDataModule):
                                               torch.from_numpy(np.load(cache.dir / f"{split}_labels.npy")))
                          for split in SPLITS}
 
-    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
-        dataset = self.datasets[split]
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
-                          drop_last=shuffle and len(dataset) % batch_size == 1)
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.images.batch_size)
+        return batches(self.datasets["train"], self.images.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False, self.images.eval_batch_size)
+        return batches(self.datasets["val"], self.images.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False, self.images.eval_batch_size)
+        return batches(self.datasets["test"], self.images.eval_batch_size, shuffle=False)
 
 
 def train_on_cached_features(datamodule: ImageDataModule, module: ImageClassifier, features_dir: Path):
