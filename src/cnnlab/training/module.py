@@ -29,7 +29,10 @@ def classification_metrics(num_classes: int) -> MetricCollection:
     }
     if num_classes >= 5:
         metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-    return MetricCollection(metrics)
+    # compute_groups=False: torchmetrics would otherwise merge metrics whose states happen to be equal
+    # after the first update (a first batch that is all correct makes top-1 and top-5 agree) into one
+    # state, and then compute F1 and top-1 from the top-5 statistics for the rest of the epoch.
+    return MetricCollection(metrics, compute_groups=False)
 
 
 class ImageClassifier(pl.LightningModule):
