@@ -1,14 +1,30 @@
-"""The user's own images: ``root/<class>/*.jpg`` or ``root/{train,val,test}/<class>/*.jpg``.
+"""The user's own images: class folders, directly under the root or inside split folders.
+
+Layouts (folder names matched case-insensitively; ``valid``/``validation`` mean val, ``training``
+train and ``testing`` test, as downloaded datasets spell them):
+
+    root/<class>/...                  val and test carved from each class by the fractions
+    root/train/<class>/...            val and test carved from train, per class
+    root/{train,test}/<class>/...     val carved from train (the usual Kaggle/CIFAR/MNIST export)
+    root/{train,val}/<class>/...      val kept as validation; test carved from train, so that the
+                                      test score comes from images that checkpoint selection never saw
+    root/{train,val,test}/<class>/... all three as given
+
+Files in sub-folders of a class folder belong to that class. A root that mixes split folders with
+other folders is refused: a class named ``train`` beside ``cat`` and ``dog`` cannot be told from a
+split folder, and reading split folders as classes teaches the model "which folder".
 
 Every image is decoded once, into the shared uint8 cache (cache.py): EXIF orientation applied,
 any mode (grayscale, RGBA, palette, 16-bit, CMYK) converted to RGB, the short side resized to
 ``stored_size`` and centre-cropped. Unreadable files are all collected and reported together;
-with ``skip_bad_images`` they are left out and listed in the cache's manifest instead.
+with ``skip_bad_images`` they are left out, logged, and listed in the cache's manifest.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,31 +34,116 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from .cache import SPLITS, ImageCache, is_prepared, settings_hash, write_cache
 
+log = logging.getLogger(__name__)
+
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 # What Pillow raises for empty, truncated, corrupt or non-image files (anything else is a bug and raises).
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# Split folder names as datasets ship them (lower case) and the split each one is.
+SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}
+NAMED = 5  # how many folders or files a message names before "and N more"
 
 
-def find_images(root: Path) -> dict[str, dict[str, list[Path]]]:
-    """{split or "all": {class: [files]}}, checked so that training can work at all."""
+def _names(items, limit: int = NAMED) -> str:
+    """'a, b, c and 4 more': a message stays one readable line however many there are."""
+    items = [str(item) for item in items]
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which folder holds each split's class folders; the splits not given are carved from ``pool``."""
+
+    trees: dict[str, Path]  # split -> its folder, or {"all": root} for class folders directly under the root
+
+    @property
+    def pool(self) -> str:
+        return "all" if "all" in self.trees else "train"
+
+    @property
+    def carved(self) -> tuple[str, ...]:
+        return tuple(split for split in ("val", "test") if split not in self.trees)
+
+    @property
+    def name(self) -> str:
+        if self.pool == "all":
+            return "class folders"
+        return "+".join(f"{self.trees[split].name}/" for split in SPLITS if split in self.trees)
+
+    def describe(self, fractions: dict[str, float]) -> str:
+        """The layout and what is carved from where, e.g. "train/+test/ (val 10% carved from train/, per class)"."""
+        if not self.carved:
+            return f"{self.name} (as given)"
+        carved = " and ".join(f"{split} {100 * fractions[split]:g}%" for split in self.carved)
+        source = "each class" if self.pool == "all" else f"{self.trees['train'].name}/, per class"
+        return f"{self.name} ({carved} carved from {source})"
+
+
+def find_layout(root: Path) -> Layout:
+    """Split folders if the root has any (all its folders must then be split folders), else class folders."""
+    folders = _subfolders(root)
+    split_folders = [d for d in folders if d.name.lower() in SPLIT_FOLDERS]
+    split_folders.sort(key=lambda d: SPLITS.index(SPLIT_FOLDERS[d.name.lower()]))  # train, val, test
+    if not split_folders:
+        return Layout({"all": root})
+    others = [d for d in folders if d not in split_folders]
+    if others:
+        raise ConfigError(
+            f"{root} mixes split folders ({_names(f'{d.name}/' for d in split_folders)}) with other folders "
+            f"({_names(f'{d.name}/' for d in others)}): is {split_folders[0].name}/ a split or a class? "
+            f"Put every class folder inside the split folders (train/<class>/...), "
+            f"or rename a class folder that is named like a split")
+    trees = {}
+    for folder in split_folders:
+        split = SPLIT_FOLDERS[folder.name.lower()]
+        if split in trees:
+            raise ConfigError(f"{root} has two {split} folders, {trees[split].name}/ and {folder.name}/: keep one")
+        trees[split] = folder
+    if "train" not in trees:
+        raise ConfigError(f"{root} has split folders ({_names(f'{d.name}/' for d in split_folders)}) but no train/: "
+                          "add train/<class>/... beside them")
+    return Layout(trees)
+
+
+def class_files(tree: Path) -> dict[str, list[Path]]:
+    """{class: files} for the class folders in ``tree``; files in sub-folders belong to their class folder."""
+    found = {}
+    for class_dir in _subfolders(tree):
+        files = sorted(f for f in class_dir.rglob("*") if f.suffix.lower() in EXTENSIONS and f.is_file())
+        if not files:
+            raise ConfigError(f"no images ({', '.join(sorted(EXTENSIONS))}) in class folder {class_dir}")
+        found[class_dir.name] = files
+    return found
+
+
+def check_same_classes(root: Path, layout: Layout, found: dict[str, dict[str, list[Path]]]) -> None:
+    """Every split folder must hold every class: a class absent from one split is silently never tested."""
+    every_class = set().union(*found.values())
+    gaps = [f"{layout.trees[split].name}/ lacks {_names(sorted(every_class - set(classes)))}"
+            for split, classes in found.items() if every_class - set(classes)]
+    if gaps:
+        raise ConfigError(f"the split folders under {root} hold different classes: {'; '.join(gaps)}. "
+                          "Give every split folder the same class folders")
+
+
+def find_images(root: Path) -> tuple[Layout, dict[str, dict[str, list[Path]]]]:
+    """The layout and {split or "all": {class: [files]}}, checked so that training can work at all."""
     if not root.is_dir():
         raise ConfigError(f"image folder not found: {root}")
-    has_splits = all((root / split).is_dir() for split in SPLITS)
-    trees = {split: root / split for split in SPLITS} if has_splits else {"all": root}
-    found = {}
-    for split, tree in trees.items():
-        class_dirs = sorted(d for d in tree.iterdir() if d.is_dir() and not d.name.startswith("."))
-        if len(class_dirs) < 2:
-            raise ConfigError(f"{tree} needs at least two class folders, found {len(class_dirs)}")
-        found[split] = {}
-        for class_dir in class_dirs:
-            files = sorted(f for f in class_dir.rglob("*") if f.suffix.lower() in EXTENSIONS and f.is_file())
-            if not files:
-                raise ConfigError(f"no images ({', '.join(sorted(EXTENSIONS))}) in class folder {class_dir}")
-            found[split][class_dir.name] = files
-    if has_splits and len({tuple(classes) for classes in found.values()}) > 1:
-        raise ConfigError(f"train/, val/ and test/ under {root} must hold the same class folders")
-    return found
+    layout = find_layout(root)
+    found = {split: class_files(tree) for split, tree in layout.trees.items()}
+    pool = layout.trees[layout.pool]
+    if len(found[layout.pool]) < 2:
+        raise ConfigError(f"{pool} needs at least two class folders, found {len(found[layout.pool])} "
+                          f"(one folder per class: {pool}/<class>/*.jpg)")
+    check_same_classes(root, layout, found)
+    return layout, found
 
 
 def load_rgb(path: Path, stored_size: int) -> np.ndarray:
@@ -81,25 +182,45 @@ class ImageFolderSource:
         self.settings = {"source": "imagefolder-v1", "root": str(self.root), "stored_size": stored_size,
                          "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed,
                          "skip_bad_images": skip_bad_images}
+        self._reported: Path | None = None  # training prepares several times; say it once
 
-    def _listing(self) -> list[tuple[str, str, str, Path]]:
-        """(split, class, relative path, path) for every image; split is "" when fractions decide."""
+    def _listing(self) -> tuple[Layout, list[tuple[str, str, str, Path]]]:
+        """The layout, and (tree, class, relative path, path) for every image; tree is a split or "all"."""
+        layout, found = find_images(self.root)
         rows = []
-        for split, classes in find_images(self.root).items():
+        for tree, classes in found.items():
             for class_name, files in classes.items():
-                rows += [("" if split == "all" else split, class_name, str(f.relative_to(self.root)), f) for f in files]
-        return rows
+                rows += [(tree, class_name, str(f.relative_to(self.root)), f) for f in files]
+        return layout, rows
 
     def prepare(self) -> ImageCache:
-        rows = self._listing()
-        # Any added, removed or rewritten file changes the key, and so gives a new cache.
+        layout, rows = self._listing()
+        # Any added, removed or rewritten file changes the key, and so gives a new cache; so does the
+        # layout, which decides the splits (caches read before layouts were told apart are never reused).
         stats = [(rel, f.stat().st_size, f.stat().st_mtime_ns) for _, _, rel, f in rows]
-        cache_dir = self.cache_root / f"imagefolder-{settings_hash({**self.settings, 'files': stats})}"
+        key = settings_hash({**self.settings, "layout": layout.name, "files": stats})
+        cache_dir = self.cache_root / f"imagefolder-{key}"
         if not is_prepared(cache_dir):
-            self._ingest(rows, cache_dir)
-        return ImageCache(cache_dir)
+            self._ingest(layout, rows, cache_dir)
+        cache = ImageCache(cache_dir)
+        if self._reported != cache_dir:
+            self._report(layout, cache)
+            self._reported = cache_dir
+        return cache
 
-    def _ingest(self, rows, cache_dir: Path) -> None:
+    def _report(self, layout: Layout, cache: ImageCache) -> None:
+        """One line on the layout and split sizes, and one on skipped files: to the console and the run's log."""
+        fractions = {"val": self.settings["val_fraction"], "test": self.settings["test_fraction"]}
+        sizes = ", ".join(f"{split} {len(cache.split(split).labels):,}" for split in SPLITS)
+        log.info("imagefolder %s: layout %s: %s images, %d classes", self.root, layout.describe(fractions), sizes,
+                 len(cache.classes))
+        skipped = cache.meta.get("skipped", [])
+        if skipped:
+            log.warning("imagefolder %s: skipped %d unreadable image(s) (data.source.skip_bad_images=true): %s; "
+                        "all with their errors in %s", self.root, len(skipped), _names(b["file"] for b in skipped),
+                        cache.dir / "meta.json")
+
+    def _ingest(self, layout: Layout, rows, cache_dir: Path) -> None:
         classes = sorted({class_name for _, class_name, _, _ in rows})
         size = self.settings["stored_size"]
         images, kept, bad = [], [], []
@@ -114,15 +235,23 @@ class ImageFolderSource:
             raise ConfigError(f"{len(bad)} unreadable image(s) under {self.root}: {listing}. "
                               "Fix or remove them, or set data.source.skip_bad_images=true")
         labels = np.array([classes.index(class_name) for _, class_name, _, _ in kept], dtype=np.int64)
-        splits = np.array([split for split, *_ in kept], dtype=object)
-        if not all(splits):
-            splits = stratified_split(labels, self.settings["val_fraction"], self.settings["test_fraction"],
-                                      self.settings["seed"])
+        splits = self._splits(layout, np.array([tree for tree, *_ in kept], dtype=object), labels)
         stacked = np.stack(images) if images else np.empty((0, size, size, 3), np.uint8)
         manifest = [{"file": rel, "class": class_name, "split": str(split), "sha256": _sha256(path)}
                     for (_, class_name, rel, path), split in zip(kept, splits)]
         write_cache(cache_dir, {s: (stacked[splits == s], labels[splits == s]) for s in SPLITS},
-                    {"classes": classes, "source": self.settings, "files": manifest, "skipped": bad})
+                    {"classes": classes, "source": {**self.settings, "layout": layout.name}, "files": manifest,
+                     "skipped": bad})
+
+    def _splits(self, layout: Layout, trees: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Each image's split: its split folder's, or carved per class from the pool (train/, or all)."""
+        splits = trees.copy()
+        if layout.carved:
+            pool = trees == layout.pool
+            fraction = {split: self.settings[f"{split}_fraction"] if split in layout.carved else 0.0
+                        for split in ("val", "test")}
+            splits[pool] = stratified_split(labels[pool], fraction["val"], fraction["test"], self.settings["seed"])
+        return splits
 
 
 def _sha256(path: Path) -> str:
