@@ -23,11 +23,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from cnnlab.data import ImageFolderSource
 from cnnlab.data.augment import train_transform
-from cnnlab.data.datamodule import CachedImageDataset, seed_worker_transform
+from cnnlab.data.datamodule import CachedImageDataset, batches
 from cnnlab.data.imagefolder import load_rgb
 from cnnlab.data.shapes import SHAPES, render
 
@@ -50,8 +50,7 @@ class JpegFiles(Dataset):
 
 
 def images_per_second(dataset, workers: int, epochs: int = 2) -> float:
-    loader = DataLoader(dataset, batch_size=64, shuffle=True, num_workers=workers, persistent_workers=workers > 0,
-                        worker_init_fn=seed_worker_transform if workers else None)
+    loader = batches(dataset, batch_size=64, shuffle=True, num_workers=workers)
     for _ in loader:  # warm-up epoch: worker start-up and page cache
         pass
     start = time.perf_counter()

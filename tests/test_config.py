@@ -7,7 +7,7 @@ from hydra.utils import instantiate
 
 from conftest import CONF_DIR, run_script
 
-GROUPS = ["model", "scaling", "freeze", "augment", "data", "trainer", "logger", "tta", "paths"]
+GROUPS = ["model", "scaling", "freeze", "augment", "data", "trainer", "logger", "paths"]
 
 
 def options(group: str) -> list[str]:
@@ -19,6 +19,14 @@ def test_every_required_group_has_a_default(compose):
     for group in GROUPS:
         assert (CONF_DIR / group).is_dir(), group
         assert group in cfg, group
+
+
+def test_training_refuses_test_time_views(compose):
+    """tta= belongs to src/evaluate.py; train.py once accepted it and ignored it."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="tta"):
+        compose("tta=flip")
 
 
 def test_overrides_reach_the_config(compose):

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cnnlab.data.cache import CachedSplit
-from cnnlab.data.datamodule import CachedImageDataset, seed_worker_transform
+from cnnlab.data.datamodule import CachedImageDataset, batches
 from cnnlab.models import Net
 from cnnlab.training.run import build as build_run
 from conftest import tiny_overrides
@@ -67,15 +67,21 @@ def test_augmentation_is_reproducible_across_worker_processes(compose, tmp_path)
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
 
 
-def test_each_worker_distorts_with_its_own_random_stream(compose, tmp_path):
+def test_distortions_differ_per_image_and_epoch_and_not_with_the_worker_count(compose, tmp_path):
     datamodule, _ = build(compose(*tiny_overrides(tmp_path), "augment=light"))
     datamodule.setup("fit")
     train = datamodule.datasets["train"]
-    same_image = CachedSplit(images=np.repeat(train.images[:1], 4, axis=0), labels=train.labels[:4])
-    loader = DataLoader(CachedImageDataset(same_image, train.transform), batch_size=1, num_workers=2,
-                        worker_init_fn=seed_worker_transform)
-    first_of_worker0, first_of_worker1 = [images for images, _ in loader][:2]  # workers take batches in turn
-    assert not torch.equal(first_of_worker0, first_of_worker1)
+    same_image = CachedSplit(images=np.repeat(train.images[:1], 6, axis=0), labels=train.labels[:6])
+
+    def epochs(workers: int) -> list[list[torch.Tensor]]:
+        loader = batches(CachedImageDataset(same_image, train.transform), 2, shuffle=True, num_workers=workers, seed=3)
+        return [[image for images, _ in loader for image in images] for _ in range(2)]
+
+    first, second = epochs(0)
+    distinct = {image.numpy().tobytes() for image in first + second}  # six copies, two epochs
+    assert len(distinct) >= 10  # (a 32 px image has few crop boxes: two draws can coincide)
+    for workers in (1, 3):
+        assert all(torch.equal(a, b) for a, b in zip(first + second, sum(epochs(workers), [])))
 
 
 def test_optimizer_holds_only_trainable_parameters_without_decay_on_norms(compose, tmp_path):

@@ -1,15 +1,22 @@
-"""Compound scaling (EfficientNet): depth, width and resolution grow together with one knob, phi.
+"""Config resolvers: compound scaling, and unique run folder names. Importing ``cnnlab`` (any entry
+script does) registers them, before any config is resolved.
+
+Compound scaling (EfficientNet): depth, width and resolution grow together with one knob, phi.
 
     depth d = alpha ** phi, width w = beta ** phi, resolution r = gamma ** phi
     (alpha=1.2, beta=1.1, gamma=1.15, chosen so that alpha * beta**2 * gamma**2 ~ 2: each step of
     phi about doubles the FLOPs)
 
-conf/scaling/custom.yaml computes these with the ``compound`` resolver registered here; OmegaConf
-has no arithmetic of its own. Importing ``cnnlab`` (any entry script does) registers it, before
-any config is resolved.
+conf/scaling/custom.yaml computes these with the ``compound`` resolver; OmegaConf has no
+arithmetic of its own.
 """
 
 from __future__ import annotations
+
+import functools
+import os
+import secrets
+import time
 
 from omegaconf import OmegaConf
 
@@ -21,3 +28,18 @@ def compound(base: float, coefficient: float, phi: float) -> float | int:
 
 
 OmegaConf.register_new_resolver("compound", compound, replace=True)
+
+
+@functools.cache
+def run_id() -> str:
+    """This process's run folder name: the start time, then a random token (``2026-11-25_18-40-12_3fa9c1``).
+
+    The time alone (Hydra's ``${now:}``) gave two runs started in the same second one folder, with
+    each other's checkpoints and results. The token makes the name unique however many runs start
+    at once; it is drawn once per process, so every part of the config that names the folder
+    agrees. ``CNNLAB_RUN_ID`` sets it instead, for processes that must share one folder.
+    """
+    return os.environ.get("CNNLAB_RUN_ID") or f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}"
+
+
+OmegaConf.register_new_resolver("run_id", run_id, replace=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -17,6 +18,8 @@ from mlflow.exceptions import MlflowException
 from pytorch_lightning.loggers import MLFlowLogger
 
 from .errors import ConfigError
+
+log = logging.getLogger("cnnlab")
 
 
 def sqlite_uri(db_path: str | Path) -> str:
@@ -189,5 +192,5 @@ def print_how_to_open(logger: MLFlowLogger | None) -> None:
     """The run's id, the command that opens the UI on its store and the run's address there."""
     if logger is not None:
         uri = logger.experiment.tracking_uri
-        print(f"MLflow run {logger.run_id}. Open the UI with:\n  {ui_command(uri)}\n"
+        log.info(f"MLflow run {logger.run_id}. Open the UI with:\n  {ui_command(uri)}\n"
               f"then {run_url(uri, logger.experiment_id, logger.run_id)}")

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .augment import eval_transform, train_transform
 from .cache import CachedSplit, ImageCache
@@ -20,7 +20,12 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 class CachedImageDataset(Dataset):
-    """Images of one cached split through an albumentations transform, as uint8 CHW tensors."""
+    """Images of one cached split through an albumentations transform, as uint8 CHW tensors.
+
+    A key is an index, or ``(index, sample_seed)`` from ``EpochShuffle``: the transform is then
+    reseeded for this image alone, so its distortions depend on the run's seed, the epoch and the
+    image, not on which worker process draws it after which other images.
+    """
 
     def __init__(self, split: CachedSplit, transform):
         self.images = split.images
@@ -30,35 +35,55 @@ class CachedImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        index, sample_seed = key if isinstance(key, tuple) else (key, None)
+        if sample_seed is not None:
+            self.transform.set_random_seed(sample_seed)
         image = self.transform(image=np.asarray(self.images[index]))["image"]
         return to_tensor(image), int(self.labels[index])
 
 
-def batches(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0) -> DataLoader:
-    """The project's DataLoader: every sample, in order unless shuffled, workers reseeded.
+class EpochShuffle(Sampler):
+    """A new order every epoch drawn from ``(seed, epoch)`` alone, and with ``sample_seeds``, a seed per image.
+
+    Neither touches the process's random state, so a run's batches, distortions and dropout masks
+    are the same with 0, 1 or 8 DataLoader workers. Lightning calls ``set_epoch`` before every
+    epoch (after a resume too); without it, each pass counts as the next epoch.
+    """
+
+    def __init__(self, size: int, seed: int, sample_seeds: bool = False):
+        self.size, self.seed, self.sample_seeds, self.epoch = size, seed % 2**32, sample_seeds, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        order = rng.permutation(self.size).tolist()
+        if not self.sample_seeds:
+            return iter(order)
+        return zip(order, rng.integers(2**32, size=self.size).tolist())
+
+
+def batches(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0) -> DataLoader:
+    """The project's DataLoader: every sample, in order or shuffled by ``EpochShuffle``.
 
     Every image is kept (few-shot sets are small), except a last training batch of one image,
-    which BatchNorm cannot normalise.
+    which BatchNorm cannot normalise. The loader has its own generator, because torch otherwise
+    draws the workers' base seed from the global one once per epoch without persistent workers
+    and once per run with them, which shifted every later random number (dropout) by the worker count.
     """
     lone_last = shuffle and len(dataset) % batch_size == 1
+    sampler = EpochShuffle(len(dataset), seed, sample_seeds=isinstance(dataset, CachedImageDataset)) if shuffle else None
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, drop_last=lone_last,
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=lone_last,
         num_workers=num_workers, persistent_workers=num_workers > 0,
-        worker_init_fn=seed_worker_transform if num_workers > 0 else None,
-        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed % 2**32), pin_memory=torch.cuda.is_available(),
     )
-
-
-def seed_worker_transform(worker_id: int) -> None:
-    """Give each worker's albumentations pipeline its own reproducible stream.
-
-    Albumentations keeps its own RNG (global seeding does not reach it), so without this every
-    worker would repeat the same distortions. torch seeds each worker from the main process's
-    generator, so ``seed_everything`` makes this deterministic.
-    """
-    info = get_worker_info()
-    info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
 
 
 def default_num_workers() -> int:
@@ -69,7 +94,7 @@ def default_num_workers() -> int:
 class ImageDataModule(pl.LightningDataModule):
     def __init__(self, source, image_size: int, batch_size: int = 128, num_workers: int | None = None,
                  augment: Mapping | None = None, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-                 eval_batch_size: int | None = None):
+                 eval_batch_size: int | None = None, seed: int | None = None):
         super().__init__()
         self.source = source
         self.image_size = image_size
@@ -80,6 +105,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.mean = tuple(mean)
         self.std = tuple(std)
         self.cache: ImageCache | None = None
+        self.seed = torch.initial_seed() if seed is None else seed  # shuffling and augmentation (EpochShuffle)
 
     def prepare_data(self) -> None:
         self.cache = self.source.prepare()
@@ -93,15 +119,13 @@ class ImageDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.cache is None:
             self.cache = self.source.prepare()  # other processes of a distributed run
-        augmenting = train_transform(self.augment, self.image_size)
-        augmenting.set_random_seed(torch.initial_seed() % 2**32)  # reproducible without workers too
         self.datasets = {
-            "train": CachedImageDataset(self.cache.split("train"), augmenting),
+            "train": CachedImageDataset(self.cache.split("train"), train_transform(self.augment, self.image_size)),
             **{s: CachedImageDataset(self.cache.split(s), eval_transform(self.image_size)) for s in ("val", "test")},
         }
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
-        return batches(self.datasets[split], batch_size, shuffle, self.num_workers)
+        return batches(self.datasets[split], batch_size, shuffle, self.num_workers, self.seed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True, batch_size=self.batch_size)

@@ -98,7 +98,7 @@ class CachedFeatureDataModule(pl.LightningDataModule):
                          for split in SPLITS}
 
     def train_dataloader(self) -> DataLoader:
-        return batches(self.datasets["train"], self.images.batch_size, shuffle=True)
+        return batches(self.datasets["train"], self.images.batch_size, shuffle=True, seed=self.images.seed)
 
     def val_dataloader(self) -> DataLoader:
         return batches(self.datasets["val"], self.images.eval_batch_size, shuffle=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 
 import pytorch_lightning as pl
@@ -12,6 +13,8 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from ..models import count_parameters
+
+log = logging.getLogger("cnnlab")
 
 
 def parameter_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
@@ -70,8 +73,11 @@ class ImageClassifier(pl.LightningModule):
         checkpoint["mlflow_run_id"] = getattr(self.logger, "run_id", None)
 
     def on_train_start(self) -> None:
-        if self.logger is not None:  # counted now, after the freeze callback has frozen what it freezes
-            self.logger.log_hyperparams(self.parameter_counts())
+        counts = self.parameter_counts()  # counted now, after the freeze callback has frozen what it freezes
+        if self.trainer.is_global_zero:
+            log.info(f"{self.net.name}: {counts['params_total']:,} parameters, {counts['params_trainable']:,} trainable")
+        if self.logger is not None:
+            self.logger.log_hyperparams(counts)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(self._normalise(images))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -16,6 +18,8 @@ from .. import tracking
 from ..data import ImageDataModule
 from .features import train_on_cached_features
 from .module import ImageClassifier
+
+log = logging.getLogger("cnnlab")
 
 
 def command_line() -> str:
@@ -33,22 +37,52 @@ def _plain(node):
 
 def build(cfg: DictConfig) -> tuple[ImageDataModule, ImageClassifier]:
     """The data module and the model module a config describes."""
-    datamodule = instantiate(cfg.data, augment=instantiate(cfg.augment))
+    datamodule = instantiate(cfg.data, augment=instantiate(cfg.augment), seed=cfg.seed)
     module = ImageClassifier(model=_plain(cfg.model), classes=datamodule.classes, optimizer=_plain(cfg.optimizer),
                              scheduler=_plain(cfg.scheduler), label_smoothing=cfg.label_smoothing,
                              mean=datamodule.mean, std=datamodule.std)
     return datamodule, module
 
 
+def quiet_lightning() -> None:
+    """Leave out what Lightning prints on every run but says nothing about this one."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning's own use of torch
+    rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    rank_zero.addFilter(lambda record: "litlogger" not in record.getMessage())  # an advertisement
+
+
+def progress_bar(trainer_cfg: DictConfig) -> dict:
+    """A progress bar in a terminal only, unless the config says otherwise.
+
+    Written to a file (CI, DVC stages, nohup, a cluster job) a bar is one endless line that shows up
+    at the end; there, EpochLog's line per epoch is the progress.
+    """
+    return {} if "enable_progress_bar" in trainer_cfg else {"enable_progress_bar": sys.stdout.isatty()}
+
+
+def log_summary(cfg: DictConfig, datamodule: ImageDataModule) -> None:
+    """What this run is, in one line at the top of its log."""
+    cache = datamodule.cache
+    sizes = ", ".join(f"{split} {len(cache.split(split).labels):,}" for split in ("train", "val", "test"))
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    where = f" in {HydraConfig.get().runtime.output_dir}" if HydraConfig.initialized() else ""
+    log.info(f"Training {cfg.model.name} on {cache.dir.name} ({len(cache.classes)} classes; {sizes} images; "
+             f"{datamodule.image_size} px), augment={choices.get('augment', '?')}, freeze={choices.get('freeze', '?')}, "
+             f"{cfg.trainer.max_epochs} epochs of batch {datamodule.batch_size}, seed {cfg.seed}{where}")
+
+
 def train(cfg: DictConfig) -> float:
     """Train, checkpoint, test and track one model; returns the test accuracy (a sweep's objective)."""
+    quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True)
     tracking.use_store(cfg.tracking_uri, cfg.paths.mlflow_db)  # where runs:/ references resolve
     datamodule, module = build(cfg)
     logger = instantiate(cfg.logger, tags=tracking.run_tags(cfg, "train", command_line())) if cfg.logger else None
     freeze = instantiate(cfg.freeze)
     callbacks = [freeze, *(c for c in instantiate(cfg.callbacks).values() if c is not None)]
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks)
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks,
+                                      **progress_bar(cfg.trainer))
+    log_summary(cfg, datamodule)
     if logger is not None:
         logger.log_hyperparams(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
         logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
@@ -68,6 +102,6 @@ def train(cfg: DictConfig) -> float:
 
 def report(results: dict, trainer: pl.Trainer, logger: MLFlowLogger | None) -> None:
     summary = ", ".join(f"{name.removeprefix('test/')} {value:.4f}" for name, value in sorted(results.items()))
-    print(f"\nTest accuracy: {results['test/acc']:.4f}  ({summary})")
-    print(f"Best checkpoint: {trainer.checkpoint_callback.best_model_path}")
+    log.info(f"\nTest accuracy: {results['test/acc']:.4f}  ({summary})")
+    log.info(f"Best checkpoint: {trainer.checkpoint_callback.best_model_path}")
     tracking.print_how_to_open(logger)

@@ -1,0 +1,58 @@
+"""Callbacks every run has: checkpoints whose last.ckpt is truly the last epoch, and a log line per epoch."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+log = logging.getLogger("cnnlab")
+
+
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` always holds the end of the latest completed epoch.
+
+    Lightning 2.6 rewrites ``last.ckpt`` only when it also saves a top-k checkpoint, so once the
+    monitored metric stops improving ``last.ckpt`` stays at the best epoch, and a resume from it
+    silently repeats epochs. Here the last checkpoint is also written whenever the top-k one was not.
+    """
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def _save_last_if_missed(self, trainer: pl.Trainer) -> None:
+        # skipped when a checkpoint was already saved at this step, during the sanity check, or outside fit
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class EpochLog(pl.Callback):
+    """One line per epoch (its metrics, learning rate and time) in the run's log and on the console.
+
+    This is what a log file, a CI job, a DVC stage or ``nohup`` shows of a run's progress: a
+    progress bar draws nothing readable when the output is not a terminal.
+    """
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics  # the epoch's validation has run by now
+        parts = [f"{split} " + " ".join(f"{name.split('/')[1]} {float(metrics[name]):.4f}"
+                                        for name in sorted(metrics) if name.startswith(f"{split}/"))
+                 for split in ("train", "val")]
+        learning_rate = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+        lr = f"lr {learning_rate:.3g}, " if learning_rate is not None else ""
+        log.info(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {' | '.join(parts)} "
+                 f"({lr}{time.perf_counter() - self.started:.1f} s)")
