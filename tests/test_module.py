@@ -150,3 +150,13 @@ def test_workers_forked_after_heavy_opencv_use_do_not_hang(compose, tmp_path):
     datamodule, _ = build(compose(*tiny_overrides(tmp_path), "augment=heavy", "data.num_workers=2"))
     datamodule.setup("fit")
     assert sum(len(labels) for _, labels in datamodule.train_dataloader()) == 64
+
+
+def test_the_module_takes_uint8_pixels_and_refuses_floats(compose, tmp_path):
+    _, module = build(compose(*tiny_overrides(tmp_path)))
+    module.eval()
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    normalised = (pixels.float() - module.mean) / module.std
+    assert torch.allclose(module(pixels), module.net(normalised))
+    with pytest.raises(TypeError, match="uint8"):
+        module(pixels.float() / 255)

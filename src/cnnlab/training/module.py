@@ -43,8 +43,10 @@ class ImageClassifier(pl.LightningModule):
 
     Everything the module needs is plain config (saved in every checkpoint), so
     ``ImageClassifier.load_from_checkpoint(path)`` rebuilds it without Hydra.
-    Images arrive as uint8 and are normalised here, on the accelerator, which keeps the
-    DataLoader workers and the host-to-device copies four times lighter than float32.
+    Images arrive as uint8 (N, 3, H, W), pixels 0-255, and are normalised here, on the accelerator,
+    which keeps the DataLoader workers and the host-to-device copies four times lighter than
+    float32. So ``module(images)`` takes uint8 images and refuses floats; ``module.net`` is the bare
+    network on normalised float images.
     """
 
     def __init__(self, model: Mapping, classes: Sequence[str], optimizer: Mapping, scheduler: Mapping | None = None,
@@ -87,6 +89,10 @@ class ImageClassifier(pl.LightningModule):
         return self.net.head.embed(self.net.forward_features(self._normalise(images)))
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:  # floats in [0, 1] would pass silently and give garbage
+            raise TypeError(f"ImageClassifier takes uint8 images (N, 3, H, W), pixels 0-255, as cnnlab's loaders "
+                            f"give them; got {images.dtype}. Convert with (x * 255).round().to(torch.uint8), "
+                            "or call module.net on images already normalised with module.mean and module.std")
         return (images.float() - self.mean) / self.std
 
     def _step(self, batch, split: str) -> torch.Tensor:
