@@ -3,13 +3,16 @@
 
 import hydra
 
-from cnnlab.analysis.cost import report
+from cnnlab import schema
 from cnnlab.errors import one_line_errors
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="cost")
 @one_line_errors
 def main(cfg) -> None:
+    schema.validate(cfg, schema.Cost)
+    # imported once the values passed: a refused one is told in a second, not after torch loads
+    from cnnlab.analysis.cost import report
     report(cfg)
 
 

@@ -4,13 +4,16 @@
 
 import hydra
 
+from cnnlab import schema
 from cnnlab.errors import one_line_errors
-from cnnlab.evaluation.ensemble import ensemble
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="ensemble")
 @one_line_errors
 def main(cfg) -> None:
+    schema.validate(cfg, schema.Ensemble)
+    # imported once the values passed: a refused one is told in a second, not after torch loads
+    from cnnlab.evaluation.ensemble import ensemble
     ensemble(cfg)
 
 

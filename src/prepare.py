@@ -3,13 +3,16 @@
 import hydra
 from hydra.utils import instantiate
 
-from cnnlab.data.sources import prepare_and_report
+from cnnlab import schema
 from cnnlab.errors import one_line_errors
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 @one_line_errors
 def main(cfg) -> None:
+    schema.validate(cfg, schema.Prepare)
+    # imported once the values passed: a refused one is told in a second, not after torch loads
+    from cnnlab.data.sources import prepare_and_report
     prepare_and_report(instantiate(cfg.data.source))
 
 

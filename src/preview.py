@@ -2,13 +2,16 @@
 
 import hydra
 
-from cnnlab.data.preview import write_previews
+from cnnlab import schema
 from cnnlab.errors import one_line_errors
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="preview")
 @one_line_errors
 def main(cfg) -> None:
+    schema.validate(cfg, schema.Preview)
+    # imported once the values passed: a refused one is told in a second, not after torch loads
+    from cnnlab.data.preview import write_previews
     write_previews(cfg)
 
 

@@ -2,13 +2,16 @@
 
 import hydra
 
+from cnnlab import schema
 from cnnlab.errors import one_line_errors
-from cnnlab.training.run import train
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 @one_line_errors
 def main(cfg) -> float:
+    schema.validate(cfg, schema.Train)
+    # imported once the values passed: a refused one is told in a second, not after torch loads
+    from cnnlab.training.run import train
     return train(cfg)
 
 

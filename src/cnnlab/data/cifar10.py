@@ -32,15 +32,25 @@ def md5sum(path: Path) -> str:
 
 
 def download(url: str, path: Path, md5: str) -> None:
-    """Fetch ``url`` to ``path`` with a progress bar; keep it only if its MD5 is the published one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Fetch ``url`` to ``path`` with a progress bar; keep it only if its MD5 is the published one.
+
+    A machine that is offline (or a download cut short) is the user's to fix: say where the file goes.
+    """
     partial = path.with_name(path.name + ".part")
-    with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as file:
-        total = int(response.headers.get("Content-Length", 0)) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"Downloading {path.name}") as progress:
-            for block in iter(lambda: response.read(1 << 20), b""):
-                file.write(block)
-                progress.update(len(block))
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            path.parent.mkdir(parents=True, exist_ok=True)  # only once there is something to write
+            with open(partial, "wb") as file:
+                total = int(response.headers.get("Content-Length", 0)) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=f"Downloading {path.name}") as progress:
+                    for block in iter(lambda: response.read(1 << 20), b""):
+                        file.write(block)
+                        progress.update(len(block))
+    except OSError as error:  # URLError, a timeout, a reset connection
+        partial.unlink(missing_ok=True)
+        reason = getattr(error, "reason", None) or error
+        raise ConfigError(f"cannot download {url} ({reason}): put {path.name} at {path} "
+                          "(or set data.source.archive to where it is)") from None
     verify_md5(partial, md5)
     partial.rename(path)
 
