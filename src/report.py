@@ -4,6 +4,7 @@ writes report.md and report.html with the tables and pictures, and logs them to 
 import hydra
 
 from cnnlab import schema
+from cnnlab.cli import resolve_printed_config
 from cnnlab.errors import one_line_errors
 
 
@@ -17,4 +18,5 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
+    resolve_printed_config()
     main()

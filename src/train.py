@@ -3,6 +3,7 @@
 import hydra
 
 from cnnlab import schema
+from cnnlab.cli import resolve_printed_config
 from cnnlab.errors import one_line_errors
 
 
@@ -16,4 +17,5 @@ def main(cfg) -> float:
 
 
 if __name__ == "__main__":
+    resolve_printed_config()
     main()

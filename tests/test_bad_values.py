@@ -63,6 +63,7 @@ BAD = [
     ("prepare.py", ["data=cifar10", "data.source.val_size=50000"], "data.source.val_size=50000: must be"),
     ("cost.py", ["scaling.width=-1"], "scaling.width=-1: must be a number > 0"),
     ("cost.py", ["scaling.depth=0"], "scaling.depth=0: must be a number > 0"),
+    ("cost.py", ["scaling=custom", "scaling.phi=abc"], "scaling.phi=abc: must be a number"),
     ("cost.py", ["model=vgg16", "cost.resolution=16"], "cost.resolution=16: must be an integer >= 32"),
     ("cost.py", ["cost.num_classes=0"], "cost.num_classes=0: must be an integer >= 1"),
     ("preview.py", ["preview.tile=0"], "preview.tile=0: must be an integer >= 1"),

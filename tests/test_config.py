@@ -66,6 +66,7 @@ def test_cfg_job_prints_the_resolved_overrides():
     assert result.returncode == 0, result.stderr
     assert "max_epochs: 1" in result.stdout
     assert "batch_size: 64" in result.stdout
+    assert "width_mult: 1.0" in result.stdout and "${" not in result.stdout  # values, not interpolations
 
 
 @pytest.mark.parametrize("override, message", [

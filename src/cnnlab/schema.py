@@ -417,6 +417,11 @@ def resolved(cfg: DictConfig, key: str):
     except MissingMandatoryValue:
         raise
     except OmegaConfBaseException as error:  # e.g. a resolver given a value it cannot compute with
+        cause = error
+        while cause is not None and not isinstance(cause, ConfigError):  # OmegaConf nests what resolvers raise
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:  # our resolver said what is wrong: say just that
+            raise cause from None
         raise ConfigError(f"{error.full_key or key}: cannot be resolved: {str(error).splitlines()[0]}") from None
 
 
