@@ -44,7 +44,13 @@ def test_run_prints_accuracy_and_how_to_open_mlflow(trained):
     assert "Test accuracy: " in result.stdout
     assert f"ui --backend-store-uri sqlite:///{root.resolve()}/mlflow.db" in result.stdout
     output = result.stdout + result.stderr
-    assert "Generating shapes" in output and "Epoch 0" in output  # progress bars
+    assert "Generating shapes" in output and "epoch 1/1: train acc " in output  # progress, also off a terminal
+    (run_dir,) = (root / "outputs" / "runs").iterdir()
+    log = (run_dir / "train.log").read_text()  # the run's story: what it is, each epoch, the result
+    for line in ("Training resnet_small on shapes-", "resnet_small: 308,650 parameters", "epoch 1/1: train acc ",
+                 "Test accuracy: ", "MLflow run "):
+        assert line in log, line
+    assert "litlogger" not in output and "LeafSpec" not in output and "FLOPs" not in output  # Lightning's noise
 
 
 def test_checkpoints_best_and_last_are_in_the_hydra_run_folder(trained):

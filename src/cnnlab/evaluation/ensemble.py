@@ -332,7 +332,7 @@ def ensemble(cfg) -> dict[str, dict[str, float]]:
              write_predictions(out / PREDICTIONS, members[0], probabilities)]
     logger = _track(cfg, members, weights, results, files) if cfg.logger else None
 
-    print(f"\n{summary(results, how)}\n\n{text_table(results, weights)}\nWrote {out}")
+    log.info(f"\n{summary(results, how)}\n\n{text_table(results, weights)}\nWrote {out}")
     tracking.print_how_to_open(logger)
     return results
 

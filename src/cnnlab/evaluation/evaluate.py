@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from ..training.module import ImageClassifier
 from ..training.run import command_line
 from .reports import scores, write_reports
 from .tta import predict, view_loader
+
+log = logging.getLogger("cnnlab")
 
 PLAIN = "none"  # the single view training's test step sees: the baseline every mode is compared with
 
@@ -64,8 +67,8 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     loader = view_loader(datamodule.cache.split("test"), views, cfg.evaluate.batch_size, datamodule.num_workers)
     mode_views = groups[mode].stop - groups[mode].start
     extra = "" if mode == PLAIN else f" (and the plain view, {PLAIN})"
-    print(f"Evaluating {cfg.ckpt} on {len(loader.dataset)} test images, "
-          f"tta={mode}: {mode_views} views per image{extra}")
+    log.info(f"Evaluating {cfg.ckpt} on {len(loader.dataset)} test images, "
+             f"tta={mode}: {mode_views} views per image{extra}")
     probabilities, labels = predict(module, loader, groups, "cuda" if torch.cuda.is_available() else "cpu")
     metrics = {name: scores(p, labels) for name, p in probabilities.items()}
 
@@ -123,6 +126,6 @@ def report(metrics: dict, mode: str, views: int, output_dir: str, logger: MLFlow
     if mode != PLAIN:
         gain = 100 * (metrics[mode]["acc"] - plain)
         line += f", {mode} {metrics[mode]['acc']:.4f} ({gain:+.2f} points with {views} views per image)"
-    print(line)
-    print(f"Outputs: {Path(output_dir).resolve()}")
+    log.info(line)
+    log.info(f"Outputs: {Path(output_dir).resolve()}")
     tracking.print_how_to_open(logger)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from omegaconf import DictConfig
 
 from .. import tracking
 from ..errors import ConfigError
+
+log = logging.getLogger("cnnlab")
 
 ENSEMBLE = "ensemble"  # the ensemble's own row in its metrics.json (cnnlab.evaluation.ensemble.ENSEMBLE)
 PLAIN = "none"         # the plain view every evaluation also scores
@@ -272,7 +275,7 @@ def report(cfg: DictConfig) -> Path:
             refs[f"cnnlab.member.{m.name}.train_run_id"] = m.train_run.info.run_id
             refs[f"cnnlab.member.{m.name}.run_id"] = m.evaluate_run.info.run_id
         log_run(cfg, tracking.run_tags(cfg, "report", command_line(), refs), pretrain, members, ensemble, files)
-    print(f"\n{text.splitlines()[2]}\n\nWrote {(out / 'report.md').resolve()} and report.html")
+    log.info(f"\n{text.splitlines()[2]}\n\nWrote {(out / 'report.md').resolve()} and report.html")
     return out / "report.md"
 
 
