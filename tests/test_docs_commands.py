@@ -16,12 +16,11 @@ this file:
   value; placeholders (``<run id>``, ``outputs/runs/<run>/...``, ``outputs/evaluate/<run a>``,
   ``members={...}``, ``ckpt=...``, ``/path/to/images``) become real artifacts of one tiny training
   and two tiny evaluations made first; an output the command writes next to itself
-  (``cost.output=vgg16.csv``) goes to the temporary folder instead; where the tiny setting itself
-  trips a bug, TINY_EXCEPTIONS says why and what is appended instead. After a ``$ `` prompt, the
+  (``cost.output=vgg16.csv``) goes to the temporary folder instead. After a ``$ `` prompt, the
   output shown must appear (and an ``Error:`` must exit with status 2); otherwise the exit status is 0;
 * every other command is in REDUCED below: why it cannot run here and the smaller check done
   instead. A command that is neither fails ``test_every_command_in_the_docs_is_classified``, and so
-  does an entry of REDUCED, PRINTED (output lines that read as commands) or TINY_EXCEPTIONS that the
+  does an entry of REDUCED or PRINTED (output lines that read as commands) that the
   documents no longer hold. Identical commands in several places run once.
 
 Speed (the whole file: about 1 minute on 2 idle cores, under 2 with other jobs): the scripts run in
@@ -578,14 +577,6 @@ REDUCED: dict[str, Reduced] = {
         lambda command, artifacts: figures_compose()),
 }
 
-# Where the tiny setting itself breaks a command (not what the documents say): command -> (why, overrides
-# appended after the tiny ones). Each is a bug to fix; test_tiny_exceptions_are_still_needed says when it is.
-TINY_EXCEPTIONS: dict[str, tuple[str, ...]] = {
-    "python src/train.py optimizer=sgd optimizer.lr=0.05 scheduler=one_cycle label_smoothing=0.1": (
-        ("OneCycleLR divides by zero when pct_start x total steps <= 1 (4 steps of 16 of the 64 images): "
-         "8 steps instead"), "data.batch_size=8"),
-}
-
 # Output lines that read as commands: printed by a command above, not run from the documents.
 PRINTED = {
     "/path/to/cnnlab/.venv/bin/mlflow ui --backend-store-uri sqlite:////path/to/cnnlab/mlflow.db --port 5000":
@@ -619,22 +610,8 @@ def test_every_command_in_the_docs_is_classified():
                  if text not in EXTRACTED.commands]
     problems += [f"PRINTED: {text!r} is no longer in the documents" for text in PRINTED
                  if text not in EXTRACTED.printed]
-    problems += [f"TINY_EXCEPTIONS: {text!r} is no longer in the documents" for text in TINY_EXCEPTIONS
-                 if text not in EXTRACTED.commands]
     assert not problems, "\n".join(problems)
     assert len(REAL) >= 20 and len(REDUCED_FOUND) >= 20  # the extraction still finds the documents' commands
-
-
-@pytest.mark.xfail(raises=ZeroDivisionError, strict=True,
-                   reason="src/cnnlab/training/schedules.py: one_cycle with pct_start x total_steps <= 1")
-def test_tiny_exceptions_are_still_needed():
-    """The bug behind TINY_EXCEPTIONS' one_cycle entry; once this passes, remove the entry."""
-    import torch
-
-    from cnnlab.training.schedules import one_cycle
-
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.05)
-    one_cycle(optimizer, total_steps=4)
 
 
 # --- running them ---------------------------------------------------------------------------------------
@@ -701,10 +678,7 @@ def outcomes(tmp_path_factory) -> dict[str, tuple[str, Result]]:
                 artifacts = (artifacts_ready.result() if needs_artifacts(command.text)
                              else Artifacts(root, Path("<run>"), "<run id>", [], images))
                 args = shlex.split(substitute(command.text, artifacts))[1:]
-                extra = list(TINY_EXCEPTIONS.get(command.text, ("",))[1:])
-                tiny_here = [o for o in tiny_setting(args[0], args[1:], root)
-                             if o.split("=")[0] not in {e.split("=")[0] for e in extra}]
-                argv = [*args, *tiny_here, *extra]
+                argv = [*args, *tiny_setting(args[0], args[1:], root)]
             except Exception as error:  # noqa: BLE001  reported by the command's own test
                 return command.text, Result([], -1, f"{type(error).__name__}: {error}")
             return shlex.join(["python", *argv]), pool.python(argv)

@@ -160,3 +160,20 @@ def test_the_module_takes_uint8_pixels_and_refuses_floats(compose, tmp_path):
     assert torch.allclose(module(pixels), module.net(normalised))
     with pytest.raises(TypeError, match="uint8"):
         module(pixels.float() / 255)
+
+
+def test_one_cycle_fits_a_run_of_a_few_steps_and_refuses_fewer_than_three():
+    from cnnlab.errors import ConfigError
+    from cnnlab.training.schedules import one_cycle
+
+    for steps in (3, 4, 7):  # torch's OneCycleLR divided by zero for pct_start x steps <= 1
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.05)
+        schedule = one_cycle(optimizer, total_steps=steps)
+        rates = []
+        for _ in range(steps):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        assert max(rates) == pytest.approx(0.05) and rates[0] < 0.05 and rates[-1] < 0.05
+    with pytest.raises(ConfigError, match="one_cycle needs 3 optimizer steps"):
+        one_cycle(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.05), total_steps=2)
