@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -13,6 +14,10 @@ from mlflow.tracking import MlflowClient
 from conftest import ROOT, run_script, tiny_overrides
 
 pytestmark = pytest.mark.slow
+
+# Two processes at a time on two cores: one torch thread each (two each spin against each other, 4x slower).
+ENV = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "NO_ALBUMENTATIONS_UPDATE": "1",
+       "OMP_NUM_THREADS": "1"}
 
 # The slow imports happen first; the process then says it is ready and waits for the moment the test
 # gives, just after a second begins, to enter train.py's main: two runs that start within one second.
@@ -33,9 +38,10 @@ def test_runs_started_in_the_same_second_get_their_own_folders_and_artifacts(tmp
     store = f"sqlite:///{tmp_path}/mlflow.db"
     MlflowClient(store).create_experiment("cnnlab", artifact_location=(tmp_path / "mlartifacts").as_uri())
     ready, go = [tmp_path / f"ready{seed}" for seed in (1, 2)], tmp_path / "go"
-    processes = [subprocess.Popen([sys.executable, "-c", SAME_SECOND, str(ready[i]), str(go), *tiny_overrides(tmp_path),
-                                   f"seed={seed}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for i, seed in enumerate((1, 2))]
+    commands = [[sys.executable, "-c", SAME_SECOND, str(ready[i]), str(go), *tiny_overrides(tmp_path), f"seed={seed}"]
+                for i, seed in enumerate((1, 2))]
+    processes = [subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for command in commands]
     while not all(r.exists() for r in ready):
         assert all(p.poll() is None for p in processes), "a run ended before it was ready"
         time.sleep(0.05)
@@ -81,7 +87,7 @@ def test_results_do_not_depend_on_the_number_of_dataloader_workers(tmp_path):
         overrides = [o for o in tiny_overrides(tmp_path / f"w{workers}") if not o.startswith("data.num_workers")]
         return subprocess.Popen([sys.executable, "src/train.py", *overrides, f"data.num_workers={workers}",
                                  "augment=light", "trainer.max_epochs=2", "logger=none"],
-                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     metrics = {}
     for batch in ((0, 1), (3,)):  # two at a time on two cores

@@ -79,7 +79,8 @@ def batches(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int =
     and once per run with them, which shifted every later random number (dropout) by the worker count.
     """
     lone_last = shuffle and len(dataset) % batch_size == 1
-    sampler = EpochShuffle(len(dataset), seed, sample_seeds=isinstance(dataset, CachedImageDataset)) if shuffle else None
+    augmenting = isinstance(dataset, CachedImageDataset)
+    sampler = EpochShuffle(len(dataset), seed, sample_seeds=augmenting) if shuffle else None
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=lone_last,
         num_workers=num_workers, persistent_workers=num_workers > 0,

@@ -77,7 +77,8 @@ class ImageClassifier(pl.LightningModule):
     def on_train_start(self) -> None:
         counts = self.parameter_counts()  # counted now, after the freeze callback has frozen what it freezes
         if self.trainer.is_global_zero:
-            log.info(f"{self.net.name}: {counts['params_total']:,} parameters, {counts['params_trainable']:,} trainable")
+            total, trainable = counts["params_total"], counts["params_trainable"]
+            log.info(f"{self.net.name}: {total:,} parameters, {trainable:,} trainable")
         if self.logger is not None:
             self.logger.log_hyperparams(counts)
 

@@ -66,9 +66,10 @@ def log_summary(cfg: DictConfig, datamodule: ImageDataModule) -> None:
     sizes = ", ".join(f"{split} {len(cache.split(split).labels):,}" for split in ("train", "val", "test"))
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     where = f" in {HydraConfig.get().runtime.output_dir}" if HydraConfig.initialized() else ""
+    policies = f"augment={choices.get('augment', '?')}, freeze={choices.get('freeze', '?')}"
     log.info(f"Training {cfg.model.name} on {cache.dir.name} ({len(cache.classes)} classes; {sizes} images; "
-             f"{datamodule.image_size} px), augment={choices.get('augment', '?')}, freeze={choices.get('freeze', '?')}, "
-             f"{cfg.trainer.max_epochs} epochs of batch {datamodule.batch_size}, seed {cfg.seed}{where}")
+             f"{datamodule.image_size} px), {policies}, {cfg.trainer.max_epochs} epochs of batch "
+             f"{datamodule.batch_size}, seed {cfg.seed}{where}")
 
 
 def train(cfg: DictConfig) -> float:
