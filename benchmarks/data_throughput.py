@@ -97,7 +97,7 @@ def main() -> None:
             cache = ImageFolderSource(Path(tmp) / "jpegs", Path(tmp) / "cache", stored_size=size,
                                       val_fraction=0, test_fraction=0).prepare()
             for name in args.policies:
-                cached = CachedImageDataset(cache.split("train"), policy(name, size))
+                cached = CachedImageDataset(cache.split("train"), policy(name, size), augments=name != "none")
                 decoded = JpegFiles(files, labels, size, policy(name, size))
                 cache_1, files_1 = images_per_second(cached, 1), images_per_second(decoded, 1)
                 cache_n, files_n = images_per_second(cached, cores), images_per_second(decoded, cores)

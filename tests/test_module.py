@@ -74,7 +74,8 @@ def test_distortions_differ_per_image_and_epoch_and_not_with_the_worker_count(co
     same_image = CachedSplit(images=np.repeat(train.images[:1], 6, axis=0), labels=train.labels[:6])
 
     def epochs(workers: int) -> list[list[torch.Tensor]]:
-        loader = batches(CachedImageDataset(same_image, train.transform), 2, shuffle=True, num_workers=workers, seed=3)
+        copies = CachedImageDataset(same_image, train.transform, augments=True)
+        loader = batches(copies, 2, shuffle=True, num_workers=workers, seed=3)
         return [[image for images, _ in loader for image in images] for _ in range(2)]
 
     first, second = epochs(0)

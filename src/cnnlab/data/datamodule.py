@@ -23,15 +23,16 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 class CachedImageDataset(Dataset):
     """Images of one cached split through an albumentations transform, as uint8 CHW tensors.
 
-    A key is an index, or ``(index, sample_seed)`` from ``EpochShuffle``: the transform is then
-    reseeded for this image alone, so its distortions depend on the run's seed, the epoch and the
-    image, not on which worker process draws it after which other images.
+    With ``augments`` (the transform draws random numbers) a key is ``(index, sample_seed)`` from
+    ``EpochShuffle``, and the transform is reseeded for this image alone: its distortions depend on
+    the run's seed, the epoch and the image, not on which worker process draws it after which others.
     """
 
-    def __init__(self, split: CachedSplit, transform):
+    def __init__(self, split: CachedSplit, transform, augments: bool = False):
         self.images = split.images
         self.labels = split.labels
         self.transform = transform
+        self.augments = augments
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -79,8 +80,7 @@ def batches(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int =
     and once per run with them, which shifted every later random number (dropout) by the worker count.
     """
     lone_last = shuffle and len(dataset) % batch_size == 1
-    augmenting = isinstance(dataset, CachedImageDataset)
-    sampler = EpochShuffle(len(dataset), seed, sample_seeds=augmenting) if shuffle else None
+    sampler = EpochShuffle(len(dataset), seed, sample_seeds=getattr(dataset, "augments", False)) if shuffle else None
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=lone_last,
         num_workers=num_workers, persistent_workers=num_workers > 0,
@@ -122,7 +122,8 @@ class ImageDataModule(pl.LightningDataModule):
         if self.cache is None:
             self.cache = self.source.prepare()  # other processes of a distributed run
         self.datasets = {
-            "train": CachedImageDataset(self.cache.split("train"), train_transform(self.augment, self.image_size)),
+            "train": CachedImageDataset(self.cache.split("train"), train_transform(self.augment, self.image_size),
+                                        augments=any(t is not None for t in self.augment.values())),
             **{s: CachedImageDataset(self.cache.split(s), eval_transform(self.image_size)) for s in ("val", "test")},
         }
 
