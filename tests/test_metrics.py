@@ -25,6 +25,7 @@ BATCH = 16
 class LookupNet(nn.Module):
     """Logits from a table, row i for the image whose pixels encode i (the module's normalisation is the identity)."""
 
+    name = "lookup"
     aux_heads = False
 
     def __init__(self, logits: torch.Tensor):
@@ -88,3 +89,31 @@ def test_logged_metrics_equal_sklearn_on_the_same_predictions(tmp_path):
         assert expected(labels, logits)["acc"] < 0.8  # the trap: errors after a perfect first batch
         for metric, value in expected(labels, logits).items():
             assert logged[f"{name}/{metric}"] == pytest.approx(value, abs=1e-5), f"{name}/{metric}"
+
+
+def test_evaluation_scores_and_per_class_files_equal_sklearn(tmp_path):
+    """What src/evaluate.py and src/ensemble.py report from probabilities (averaged views, ensembles)."""
+    import csv
+
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    from cnnlab.evaluation.reports import scores, write_reports
+
+    labels, logits, _ = split(np.random.default_rng(1), 150, 0)
+    probabilities = torch.softmax(torch.from_numpy(logits), 1)
+    classes = [f"c{c}" for c in range(CLASSES)]
+    reported = scores(probabilities, torch.from_numpy(labels))
+    for metric, value in expected(labels, logits).items():
+        assert reported[metric] == pytest.approx(value, abs=1e-5), metric
+
+    write_reports(tmp_path, probabilities, torch.from_numpy(labels), classes)
+    predicted = logits.argmax(1)
+    precision, recall, f1, support = precision_recall_fscore_support(labels, predicted, labels=range(CLASSES),
+                                                                     zero_division=0)
+    rows = list(csv.DictReader(open(tmp_path / "per_class.csv")))
+    assert [r["class"] for r in rows] == classes
+    for column, values in {"precision": precision, "recall": recall, "f1": f1, "support": support}.items():
+        np.testing.assert_allclose([float(r[column]) for r in rows], values, atol=1e-5, err_msg=column)
+    _, *matrix = csv.reader(open(tmp_path / "confusion_matrix.csv"))
+    np.testing.assert_array_equal(np.array([r[1:] for r in matrix], int),
+                                  confusion_matrix(labels, predicted, labels=range(CLASSES)))
