@@ -34,12 +34,12 @@ def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 
 
 @pytest.fixture
 def compose():
-    """Compose the project's config with overrides, as `python src/train.py` would."""
+    """Compose the project's config with overrides, as `python src/train.py` would (another script's: config_name)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    def _compose(*overrides: str, return_hydra_config: bool = False):
+    def _compose(*overrides: str, return_hydra_config: bool = False, config_name: str = "config"):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+            return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
     return _compose

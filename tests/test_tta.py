@@ -74,7 +74,7 @@ def test_the_plain_view_is_what_training_tests_on(stored):
     ("ten_crop", ["tta.scales=[1.0,1.15]"], 20), ("five_crop", ["tta.scales=[1.0,1.15,1.3]"], 15),
 ])
 def test_each_option_gives_its_number_of_views(compose, option, overrides, count):
-    cfg = compose(f"tta={option}", *overrides)
+    cfg = compose(f"tta={option}", *overrides, config_name="evaluate")  # test-time views are evaluate.py's
     views = apply(tta_views(32, **cfg.tta), coordinate_image(32))
     assert len(views) == count
     assert all(view.shape == (32, 32, 3) for view in views)
