@@ -333,7 +333,7 @@ def ensemble(cfg) -> dict[str, dict[str, float]]:
     logger = _track(cfg, members, weights, results, files) if cfg.logger else None
 
     log.info(f"\n{summary(results, how)}\n\n{text_table(results, weights)}\nWrote {out}")
-    tracking.print_how_to_open(logger)
+    tracking.log_how_to_open(logger)
     return results
 
 

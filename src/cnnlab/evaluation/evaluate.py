@@ -128,4 +128,4 @@ def report(metrics: dict, mode: str, views: int, output_dir: str, logger: MLFlow
         line += f", {mode} {metrics[mode]['acc']:.4f} ({gain:+.2f} points with {views} views per image)"
     log.info(line)
     log.info(f"Outputs: {Path(output_dir).resolve()}")
-    tracking.print_how_to_open(logger)
+    tracking.log_how_to_open(logger)

@@ -105,4 +105,4 @@ def report(results: dict, trainer: pl.Trainer, logger: MLFlowLogger | None) -> N
     summary = ", ".join(f"{name.removeprefix('test/')} {value:.4f}" for name, value in sorted(results.items()))
     log.info(f"\nTest accuracy: {results['test/acc']:.4f}  ({summary})")
     log.info(f"Best checkpoint: {trainer.checkpoint_callback.best_model_path}")
-    tracking.print_how_to_open(logger)
+    tracking.log_how_to_open(logger)
