@@ -33,6 +33,7 @@ BAD = [
     ("train.py", ["trainer.precision=8"], "trainer.precision=8: must be 32-true, 16-mixed"),
     ("train.py", [f"resume_from={MISSING}"], f"resume_from={MISSING}: must be an existing checkpoint file"),
     ("train.py", ["scaling.width=-1"], "scaling.width=-1: must be a number > 0"),
+    ("train.py", ["+tta=flip"], "must be absent: test-time views are src/evaluate.py's"),
     ("train.py", ["scaling.depth=0"], "scaling.depth=0: must be a number > 0"),
     ("train.py", ["data=cifar10", OFFLINE], "put cifar-10-python.tar.gz at "),
     ("train.py", ["freeze=stages", "freeze.depth=4"], "freeze.depth=4: must be an integer from 0 to 3"),

@@ -329,6 +329,7 @@ class Train(Tracked):
     optimizer: Optimizer = None
     scheduler: Scheduler | None = None
     trainer: Trainer = None
+    tta: rule("absent: test-time views are src/evaluate.py's (ckpt=... tta=flip)", lambda v: False) = None  # +tta=
 
     @model_validator(mode="after")
     def fits_the_model(self):
