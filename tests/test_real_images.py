@@ -120,6 +120,15 @@ def test_kaggle_train_and_test_folders_are_splits_and_val_is_carved_from_train_p
     assert [f["split"] for f in again.meta["files"]] == [f["split"] for f in cache.meta["files"]]
 
 
+def test_what_a_zip_from_a_mac_leaves_beside_the_splits_is_not_data(tmp_path, crops):
+    root = build(tmp_path / "images", crops, {"train": 4, "test": 2})
+    (root / "__MACOSX" / "train").mkdir(parents=True)  # resource forks: ._<name> files, not images
+    (root / "__MACOSX" / "train" / "._x.jpg").write_bytes(b"\x00\x05\x16\x07")
+    cache = ImageFolderSource(root, tmp_path / "cache", stored_size=SIZE, val_fraction=0.25).prepare()
+    assert cache.classes == ["china", "flower", "hopper"]
+    assert not any("__MACOSX" in f["file"] for f in cache.meta["files"])
+
+
 def test_train_and_val_folders_keep_val_and_carve_test_from_train(tmp_path, crops, caplog):
     root = build(tmp_path / "images", crops, {"train": 20, "val": 4})
     cache = ImageFolderSource(root, tmp_path / "cache", stored_size=SIZE, test_fraction=0.2).prepare()

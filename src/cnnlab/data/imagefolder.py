@@ -52,8 +52,12 @@ def _names(items, limit: int = NAMED) -> str:
     return ", ".join(items[:limit]) + more
 
 
+# Folders that archives and tools leave beside the data: never a class, never a split.
+NOT_DATA = {"__MACOSX", "__pycache__"}
+
+
 def _subfolders(folder: Path) -> list[Path]:
-    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in NOT_DATA)
 
 
 @dataclass(frozen=True)
