@@ -20,11 +20,12 @@ import time
 
 from omegaconf import OmegaConf
 
+from .errors import ConfigError
+
 
 def compound(base: float, coefficient: float, phi: float) -> float | int:
     """``base * coefficient ** phi``; an int base (a resolution in px) gives an int."""
     if isinstance(phi, bool) or not isinstance(phi, (int, float)):
-        from .errors import ConfigError
         raise ConfigError(f"scaling.phi={phi}: must be a number (compound scaling's exponent)")
     scaled = base * coefficient ** phi
     return round(scaled) if isinstance(base, int) else round(scaled, 6)  # 1.21, not 1.2100000000000002

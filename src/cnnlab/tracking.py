@@ -19,7 +19,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 
 from .errors import ConfigError
 
-log = logging.getLogger("cnnlab")
+log = logging.getLogger(__name__)
 
 
 def sqlite_uri(db_path: str | Path) -> str:

@@ -113,6 +113,11 @@ class ImageDataModule(pl.LightningDataModule):
         self.cache = self.source.prepare()
 
     @property
+    def distortions(self) -> list[str]:
+        """The names of the augmentation policy's distortions that are on (``augment.<name>=null`` is off)."""
+        return [name for name, transform in self.augment.items() if transform is not None]
+
+    @property
     def classes(self) -> list[str]:
         if self.cache is None:
             self.prepare_data()
@@ -123,7 +128,7 @@ class ImageDataModule(pl.LightningDataModule):
             self.cache = self.source.prepare()  # other processes of a distributed run
         self.datasets = {
             "train": CachedImageDataset(self.cache.split("train"), train_transform(self.augment, self.image_size),
-                                        augments=any(t is not None for t in self.augment.values())),
+                                        augments=bool(self.distortions)),
             **{s: CachedImageDataset(self.cache.split(s), eval_transform(self.image_size)) for s in ("val", "test")},
         }
 

@@ -20,7 +20,7 @@ from ..training.run import command_line
 from .reports import scores, write_reports
 from .tta import predict, view_loader
 
-log = logging.getLogger("cnnlab")
+log = logging.getLogger(__name__)
 
 PLAIN = "none"  # the single view training's test step sees: the baseline every mode is compared with
 

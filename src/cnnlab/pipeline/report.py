@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from .. import tracking
 from ..errors import ConfigError
 
-log = logging.getLogger("cnnlab")
+log = logging.getLogger(__name__)
 
 ENSEMBLE = "ensemble"  # the ensemble's own row in its metrics.json (cnnlab.evaluation.ensemble.ENSEMBLE)
 PLAIN = "none"         # the plain view every evaluation also scores

@@ -8,7 +8,7 @@ import time
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-log = logging.getLogger("cnnlab")
+log = logging.getLogger(__name__)
 
 
 class BestAndLastCheckpoint(ModelCheckpoint):

@@ -109,8 +109,8 @@ class CachedFeatureDataModule(pl.LightningDataModule):
 
 def train_on_cached_features(datamodule: ImageDataModule, module: ImageClassifier, features_dir: Path):
     """The data module that trains ``module``'s head on cached features (the module switches to them)."""
-    if distortions := [name for name, transform in datamodule.augment.items() if transform is not None]:
-        rank_zero_info(f"freeze: augmentation ({', '.join(distortions)}) is off while the head trains on cached "
+    if datamodule.distortions:
+        rank_zero_info(f"freeze: augmentation ({', '.join(datamodule.distortions)}) is off while the head trains on cached "
                        "features; set freeze.cache_features=false to train it on augmented images")
     module.trains_on_features = True
     return CachedFeatureDataModule(datamodule, module, features_dir)

@@ -14,7 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from ..models import count_parameters
 
-log = logging.getLogger("cnnlab")
+log = logging.getLogger(__name__)
 
 
 def parameter_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict]:

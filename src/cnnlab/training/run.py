@@ -19,7 +19,7 @@ from ..data import ImageDataModule
 from .features import train_on_cached_features
 from .module import ImageClassifier
 
-log = logging.getLogger("cnnlab")
+log = logging.getLogger(__name__)
 
 
 def command_line() -> str:
@@ -44,11 +44,14 @@ def build(cfg: DictConfig) -> tuple[ImageDataModule, ImageClassifier]:
     return datamodule, module
 
 
+def not_an_advertisement(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()
+
+
 def quiet_lightning() -> None:
-    """Leave out what Lightning prints on every run but says nothing about this one."""
+    """Leave out what Lightning prints on every run but says nothing about this one (once per process)."""
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning's own use of torch
-    rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
-    rank_zero.addFilter(lambda record: "litlogger" not in record.getMessage())  # an advertisement
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(not_an_advertisement)  # added once
 
 
 def progress_bar(trainer_cfg: DictConfig) -> dict:
