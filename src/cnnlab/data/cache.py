@@ -18,6 +18,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,15 +39,16 @@ def is_prepared(cache_dir: Path) -> bool:
     return (Path(cache_dir) / META_FILE).is_file()
 
 
-def write_arrays(folder: Path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
-    """Write ``<name>.npy`` per array and the meta file, all or nothing (see the module docstring)."""
+@contextmanager
+def staged(folder: Path) -> Iterator[Path]:
+    """A new temporary folder beside ``folder`` to write a cache into, renamed to ``folder`` when the
+    block ends without an error and removed in any case (see the module docstring). Write the meta
+    file last: it is what marks a cache complete."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        for name, array in arrays.items():
-            np.save(tmp / f"{name}.npy", array)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        yield tmp
         try:
             os.rename(tmp, folder)
         except OSError:
@@ -53,7 +56,15 @@ def write_arrays(folder: Path, arrays: dict[str, np.ndarray], meta: dict) -> Pat
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+
+def write_arrays(folder: Path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
+    """Write ``<name>.npy`` per array and the meta file, all or nothing (see the module docstring)."""
+    with staged(folder) as tmp:
+        for name, array in arrays.items():
+            np.save(tmp / f"{name}.npy", array)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    return Path(folder)
 
 
 def write_cache(cache_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict) -> Path:

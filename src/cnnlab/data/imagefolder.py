@@ -18,12 +18,25 @@ Every image is decoded once, into the shared uint8 cache (cache.py): EXIF orient
 any mode (grayscale, RGBA, palette, 16-bit, CMYK) converted to RGB, the short side resized to
 ``stored_size`` and centre-cropped. Unreadable files are all collected and reported together;
 with ``skip_bad_images`` they are left out, logged, and listed in the cache's manifest.
+
+Decoding runs in ``workers`` processes (default: one per core, at most 16), each decoding chunks
+of files with the one function ``decode``; the parent writes every image at its place, in file
+order, straight into the cache's memory-mapped arrays, so the cache's bytes never depend on the
+worker count and the decoded images are held once, on disk (plus a bounded number in flight).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import multiprocessing
+import os
+import sys
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +45,7 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from .cache import SPLITS, ImageCache, is_prepared, settings_hash, write_cache
+from .cache import META_FILE, SPLITS, ImageCache, is_prepared, settings_hash, staged
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +56,13 @@ UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                  "test": "test", "testing": "test"}
 NAMED = 5  # how many folders or files a message names before "and N more"
+MAX_DEFAULT_WORKERS = 16  # decoding processes when ``workers`` is null: one per core, at most this many
+IN_PROCESS_BELOW = 64  # fewer files than this are decoded in this process: starting others costs more
+CHUNK = 32  # files per task sent to a decoding process (fewer when there are few files)
+AHEAD = 4  # tasks in flight per decoding process: bounds the decoded images waiting to be written
+# fork (Linux) starts a decoding process in milliseconds, without importing torch again; elsewhere the
+# platform's default (spawn): a task is a module-level function and plain arguments, so either works.
+START_METHOD = "fork" if sys.platform == "linux" else None
 
 
 def _names(items, limit: int = NAMED) -> str:
@@ -162,6 +182,54 @@ def load_rgb(path: Path, stored_size: int) -> np.ndarray:
         return np.asarray(ImageOps.fit(image, (stored_size, stored_size), Image.Resampling.BILINEAR))
 
 
+def decode(path: Path, stored_size: int) -> tuple[np.ndarray | None, str]:
+    """One file, as every ingest decodes it: (its pixels, the SHA-256 of its bytes), or (None, the
+    error in one line) when Pillow cannot read it."""
+    try:
+        pixels = load_rgb(path, stored_size)
+    except UNREADABLE as error:
+        return None, f"{type(error).__name__}: {error}".splitlines()[0]
+    return pixels, _sha256(path)
+
+
+def _decode_files(paths: Sequence[Path], stored_size: int) -> list[tuple[np.ndarray | None, str]]:
+    """A decoding process's task: a chunk of files, in order."""
+    return [decode(path, stored_size) for path in paths]
+
+
+def default_workers() -> int:
+    """One decoding process per core this process may run on, at most ``MAX_DEFAULT_WORKERS``."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, MAX_DEFAULT_WORKERS))
+
+
+def decode_all(paths: Sequence[Path], stored_size: int, workers: int,
+               desc: str = "Decoding") -> Iterator[tuple[np.ndarray | None, str]]:
+    """``decode`` for every file, yielded in file order, by ``workers`` processes (1: this one)."""
+    with tqdm(total=len(paths), desc=desc, unit="img") as progress:
+        if workers <= 1 or len(paths) < IN_PROCESS_BELOW:
+            for path in paths:
+                yield decode(path, stored_size)
+                progress.update()
+            return
+        chunk = max(1, min(CHUNK, len(paths) // (AHEAD * workers)))
+        chunks = (paths[start:start + chunk] for start in range(0, len(paths), chunk))
+        context = multiprocessing.get_context(START_METHOD)
+        pool = ProcessPoolExecutor(workers, mp_context=context)
+        try:
+            first = zip(range(AHEAD * workers), chunks)
+            pending = deque(pool.submit(_decode_files, part, stored_size) for _, part in first)
+            while pending:  # the oldest task first: results come back in file order
+                results = pending.popleft().result()
+                following = next(chunks, None)
+                if following is not None:
+                    pending.append(pool.submit(_decode_files, following, stored_size))
+                yield from results
+                progress.update(len(results))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
 def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
     """A split name per image, the same fractions within every class, deterministic from ``seed``."""
     rng = np.random.default_rng(seed)
@@ -178,9 +246,14 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
 
 class ImageFolderSource:
     def __init__(self, root: str | Path, cache_root: str | Path, stored_size: int = 64, val_fraction: float = 0.1,
-                 test_fraction: float = 0.1, seed: int = 0, skip_bad_images: bool = False):
+                 test_fraction: float = 0.1, seed: int = 0, skip_bad_images: bool = False, workers: int | None = None):
         if not 0 <= val_fraction + test_fraction < 1:
             raise ConfigError(f"val_fraction + test_fraction must be below 1, got {val_fraction + test_fraction}")
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise ConfigError(f"workers must be an integer >= 1 (1: decode in this process), or null "
+                              f"(one process per core, at most {MAX_DEFAULT_WORKERS}), got {workers!r}")
+        # Not a setting: the cache is the same, byte for byte, whatever the number of decoding processes.
+        self.workers = default_workers() if workers is None else workers
         self.root = Path(root).expanduser().resolve()
         self.cache_root = Path(cache_root)
         self.settings = {"source": "imagefolder-v1", "root": str(self.root), "stored_size": stored_size,
@@ -225,27 +298,49 @@ class ImageFolderSource:
                         cache.dir / "meta.json")
 
     def _ingest(self, layout: Layout, rows, cache_dir: Path) -> None:
+        """Decode every file straight into the cache's arrays, each at its place in file order.
+
+        The split of each image is planned before decoding, as if every file were readable (the usual
+        case), so that each one is written once, where it belongs. Unreadable files change the
+        carved splits (they are drawn from the images kept): then the kept images are moved to their
+        final places, through a second set of arrays, on disk.
+        """
         classes = sorted({class_name for _, class_name, _, _ in rows})
         size = self.settings["stored_size"]
-        images, kept, bad = [], [], []
-        for row in tqdm(rows, desc=f"Decoding {self.root.name}", unit="img"):
-            try:
-                images.append(load_rgb(row[3], size))
-                kept.append(row)
-            except UNREADABLE as error:
-                bad.append({"file": row[2], "error": f"{type(error).__name__}: {error}".splitlines()[0]})
-        if bad and not self.settings["skip_bad_images"]:
-            listing = "; ".join(f"{b['file']} ({b['error']})" for b in bad)
-            raise ConfigError(f"{len(bad)} unreadable image(s) under {self.root}: {listing}. "
-                              "Fix or remove them, or set data.source.skip_bad_images=true")
-        labels = np.array([classes.index(class_name) for _, class_name, _, _ in kept], dtype=np.int64)
-        splits = self._splits(layout, np.array([tree for tree, *_ in kept], dtype=object), labels)
-        stacked = np.stack(images) if images else np.empty((0, size, size, 3), np.uint8)
-        manifest = [{"file": rel, "class": class_name, "split": str(split), "sha256": _sha256(path)}
-                    for (_, class_name, rel, path), split in zip(kept, splits)]
-        write_cache(cache_dir, {s: (stacked[splits == s], labels[splits == s]) for s in SPLITS},
-                    {"classes": classes, "source": {**self.settings, "layout": layout.name}, "files": manifest,
-                     "skipped": bad})
+        labels = np.array([classes.index(class_name) for _, class_name, _, _ in rows], dtype=np.int64)
+        trees = np.array([tree for tree, *_ in rows], dtype=object)
+        planned = self._splits(layout, trees, labels)
+        with staged(cache_dir) as tmp:
+            images, place = _allocate(tmp, planned, size)
+            digests, bad = [], []
+            decoded = decode_all([row[3] for row in rows], size, self.workers, desc=f"Decoding {self.root.name}")
+            with closing(decoded):  # an error here stops the decoding processes at once
+                for row, split, index, (pixels, note) in zip(rows, planned, place, decoded, strict=True):
+                    if pixels is None:
+                        bad.append({"file": row[2], "error": note})
+                    else:
+                        images[split][index] = pixels
+                    digests.append(None if pixels is None else note)
+            if bad and not self.settings["skip_bad_images"]:
+                listing = "; ".join(f"{b['file']} ({b['error']})" for b in bad)
+                raise ConfigError(f"{len(bad)} unreadable image(s) under {self.root}: {listing}. "
+                                  "Fix or remove them, or set data.source.skip_bad_images=true")
+            kept = np.array([digest is not None for digest in digests], dtype=bool)
+            splits = planned
+            if bad:
+                splits = np.full(len(rows), None, dtype=object)
+                splits[kept] = self._splits(layout, trees[kept], labels[kept])
+                images = _regroup(tmp, images, planned, place, splits, size)
+            for split in SPLITS:
+                if isinstance(images[split], np.memmap):
+                    images[split].flush()
+                np.save(tmp / f"{split}_labels.npy", labels[kept & (splits == split)])
+            del images
+            manifest = [{"file": rel, "class": class_name, "split": str(split), "sha256": digest}
+                        for (_, class_name, rel, _), split, digest in zip(rows, splits, digests) if digest is not None]
+            meta = {"classes": classes, "source": {**self.settings, "layout": layout.name}, "files": manifest,
+                    "skipped": bad}
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))  # last: it marks the cache complete
 
     def _splits(self, layout: Layout, trees: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Each image's split: its split folder's, or carved per class from the pool (train/, or all)."""
@@ -256,6 +351,31 @@ class ImageFolderSource:
                         for split in ("val", "test")}
             splits[pool] = stratified_split(labels[pool], fraction["val"], fraction["test"], self.settings["seed"])
         return splits
+
+
+def _allocate(folder: Path, splits: np.ndarray, size: int, suffix: str = "") -> tuple[dict, np.ndarray]:
+    """``<split>_images<suffix>.npy`` for each split, memory-mapped and of its final size, and each
+    image's index in its split's array (file order within a split)."""
+    images, place = {}, np.zeros(len(splits), dtype=np.int64)
+    for split in SPLITS:
+        members = splits == split
+        place[members] = np.arange(members.sum())
+        images[split] = np.lib.format.open_memmap(folder / f"{split}_images{suffix}.npy", mode="w+", dtype=np.uint8,
+                                                  shape=(int(members.sum()), size, size, 3))
+    return images, place
+
+
+def _regroup(folder: Path, images: dict, planned: np.ndarray, place: np.ndarray, splits: np.ndarray,
+             size: int) -> dict:
+    """Move the kept images (a split, not None) from their planned places to their final ones."""
+    final, final_place = _allocate(folder, splits, size, suffix=".regrouped")
+    for i in np.flatnonzero(splits != None):  # noqa: E711 (element-wise)
+        final[splits[i]][final_place[i]] = images[planned[i]][place[i]]
+    for split in SPLITS:
+        final[split].flush()
+        del images[split]
+        (folder / f"{split}_images.regrouped.npy").replace(folder / f"{split}_images.npy")
+    return final
 
 
 def _sha256(path: Path) -> str:
