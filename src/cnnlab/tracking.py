@@ -66,6 +66,8 @@ def mlflow_logger(experiment_name: str, tracking_uri: str | None, default_db: st
     directory the run starts in); a server manages its own artifact store.
     """
     local = not tracking_uri
+    if local:  # before the logger's client opens the store: it would create the tables itself, racing others
+        prepare_store(default_db, experiment_name, Path(artifact_dir).resolve().as_uri())
     return MLFlowLogger(
         experiment_name=experiment_name,
         run_name=run_name,
@@ -74,6 +76,27 @@ def mlflow_logger(experiment_name: str, tracking_uri: str | None, default_db: st
         tags={**git_tags(), **(tags or {})},
         log_model=log_model,
     )
+
+
+def prepare_store(db_path: str | Path, experiment_name: str, artifact_location: str) -> None:
+    """Create the SQLite store and the experiment once, however many processes start at once.
+
+    Opening a store that does not exist yet creates its tables (MLflow runs all its migrations), and
+    Lightning's logger creates a missing experiment: two processes doing either at the same moment (a
+    parallel sweep's first jobs, several terminals) fail with ``table ... already exists`` or
+    ``experiment ... already exists``. Both happen here under a lock file beside the store
+    (``<store>.lock``), so the second process finds them made. Later runs take the lock only to
+    read that the experiment exists.
+    """
+    from filelock import FileLock
+    from mlflow.tracking import MlflowClient
+
+    db = Path(db_path).resolve()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{db}.lock", timeout=300):
+        client = MlflowClient(sqlite_uri(db))
+        if client.get_experiment_by_name(experiment_name) is None:
+            client.create_experiment(experiment_name, artifact_location=artifact_location)
 
 
 def git_tags() -> dict[str, str]:
