@@ -76,7 +76,8 @@ class DropPath(nn.Module):
             return x
         keep = 1.0 - self.p
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep  # rescaled so that the expected output is unchanged
+        # rescaled so that the expected output is unchanged; the (N, 1, 1, 1) mask is scaled, not x
+        return x * mask.div_(keep)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -123,7 +124,9 @@ class ResidualBlock(nn.Module):
     def forward(self, x):
         z = self.branch(x)
         if self.residual:
-            z = self.drop_path(z) + self.shortcut(x)
+            # in place: z is a fresh tensor no backward needs (a BatchNorm's output or DropPath's)
+            z = self.drop_path(z)
+            z += self.shortcut(x)
         return self.act(z)
 
 
@@ -244,7 +247,10 @@ class InvertedResidual(nn.Module):
 
     def forward(self, x):
         z = self.branch(x)
-        return self.drop_path(z) + x if self.residual else z
+        if self.residual:  # in place, as in ResidualBlock
+            z = self.drop_path(z)
+            z += x
+        return z
 
 
 BLOCKS: dict[str, type[nn.Module]] = {
