@@ -501,6 +501,38 @@ def figures_compose() -> Result:
     return Result(["compose"], 0, f"{len(runs)} configs compose")
 
 
+def sweep_jobs_compose(command: str, artifacts: Artifacts) -> Result:
+    """A sweep that cannot run here (on SLURM, against a server): every job's config composes, launcher and
+    sweeper included, with each override's value in it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    words = shlex.split(command)
+    combinations: list[list[str]] = [[]]
+    for override in OverridesParser.create().parse_overrides(overrides_of(words[2:])):
+        values = ([f"{override.key_or_group}={v}" for v in override.sweep_string_iterator()]
+                  if override.is_sweep_override() else [override.input_line])
+        combinations = [c + [v] for c in combinations for v in values]
+    problems = []
+    with _compose_lock, initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for combination in combinations:
+            cfg = compose(config_name_of(words[1]), overrides=[*combination, f"paths.root_dir={artifacts.root}"],
+                          return_hydra_config=True)
+            for item in combination:
+                key, value = item.split("=", 1)
+                if "/" not in key and not (CONF_DIR / key).is_dir() and str(OmegaConf.select(cfg, key)) != value:
+                    problems.append(f"{item}: the composed config has {OmegaConf.select(cfg, key)}")
+    return Result(["compose"], 1 if problems else 0, "\n".join(problems) or f"{len(combinations)} job configs compose")
+
+
+def fewer_trials(command: str, artifacts: Artifacts) -> Result:
+    """A hyper-parameter search as written, with two trials in the tiny setting."""
+    args = [w for w in shlex.split(command)[1:] if not w.startswith("hydra.sweeper.n_trials=")]
+    args.append("hydra.sweeper.n_trials=2")
+    return artifacts.python([*args, *tiny_setting(args[0], args[1:], artifacts.root)])
+
+
 def tracked(*paths: str) -> Callable[[str, Artifacts], Result]:
     """A fresh clone has these (git tracks them)."""
     return lambda command, artifacts: run(["git", "ls-files", "--error-unmatch", *paths])
@@ -572,6 +604,27 @@ REDUCED: dict[str, Reduced] = {
     "python src/train.py model=resnet50 model.pretrained=https://download.pytorch.org/models/resnet50-11ad3fa6.pth":
         Reduced("downloads ImageNet weights (no internet here): the config composes with these overrides",
                 hydra_cfg_job),
+    "python src/train.py -m hparams_search=shapes_optuna": Reduced(
+        "20 trials: the search runs as written with two", fewer_trials),
+    "python src/train.py -m hparams_search=shapes_optuna hydra.sweeper.n_trials=40 model=resnet18": Reduced(
+        "40 trials: the search runs as written with two", fewer_trials),
+    "python src/train.py -m hydra/launcher=slurm hydra.launcher.partition=gpu model=resnet18,resnet50 seed=1,2,3":
+        Reduced("needs a SLURM cluster (tests/test_sweeps.py renders the sbatch script): every job's config "
+                "composes", sweep_jobs_compose),
+    "python src/train.py -m hydra/launcher=slurm hydra.launcher.partition=gpu hydra.launcher.gpus_per_node=1 "
+    "trainer=gpu model=resnet18,resnet50 seed=1,2,3": Reduced(
+        "needs a SLURM cluster with GPUs: every job's config composes", sweep_jobs_compose),
+    "python -m pip install -c constraints.txt -e '.[slurm]'": Reduced(
+        "installs packages: the slurm extra exists, names the submitit launcher, and the launcher is installed "
+        "(the dev extra has it too)",
+        shell("python -c \"import tomllib; extra = tomllib.load(open('pyproject.toml', 'rb'))['project']"
+              "['optional-dependencies']['slurm']; assert any(r.startswith('hydra-submitit-launcher') for r in extra); "
+              "import hydra_plugins.hydra_submitit_launcher, submitit\" && grep -q '^submitit==' constraints.txt")),
+    "mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db --artifacts-destination "
+    "mlartifacts": Reduced("serves until stopped (tests/test_training.py tracks to a real server): its options exist",
+                           help_lists_options("mlflow", "server")),
+    "python src/train.py -m hydra/launcher=joblib hydra.launcher.n_jobs=4 tracking_uri=http://127.0.0.1:5000 "
+    "seed=1,2,3,4": Reduced("needs the server above: every job's config composes", sweep_jobs_compose),
     ".venv/bin/python scripts/readme_figures.py": Reduced(
         "measures the README's figures (10 minutes): it compiles, and every run it makes composes",
         lambda command, artifacts: figures_compose()),

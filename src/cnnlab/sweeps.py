@@ -4,7 +4,8 @@
 
 * when a sweep starts, it exports the sweep's run name as ``CNNLAB_RUN_ID``, so that launchers
   which run each job in another process (joblib, submitit) put every job's folder under the one
-  sweep folder the sweep started, instead of each process drawing a name of its own;
+  sweep folder the sweep started, instead of each process drawing a name of its own; jobs that run
+  side by side on this machine (joblib) share its cores (``OMP_NUM_THREADS``);
 * when a job ends and the config names an ``optimized_metric`` (the ``hparams_search=`` configs
   do), it makes the job return that metric of its run, so that Optuna optimises it: the best
   validation accuracy (``val/acc_best``, from the run's best checkpoint) rather than the test
@@ -19,6 +20,7 @@ Only standard-library modules and Hydra are imported at start: every run instant
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,6 +31,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 BEST_VAL = "val/acc_best"  # the best validation accuracy of a run (its best checkpoint's score)
 COLUMNS = (BEST_VAL, "test/acc")
@@ -141,6 +145,24 @@ def summary_table(sweep_dir: Path, objective: str = BEST_VAL, maximize: bool = T
     return "\n".join(text), rows
 
 
+def share_the_cores(config: DictConfig) -> None:
+    """Jobs that run side by side on this machine (joblib) split its cores between their torch threads.
+
+    Each torch process otherwise starts one thread per core: four jobs on two cores ran 8 threads
+    spinning against each other. Sets ``OMP_NUM_THREADS`` for the job processes (cores // jobs at
+    once, at least 1) unless it is set already; the workers start after this, with this environment.
+    """
+    target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+    if "joblib" not in target or "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    jobs = int(OmegaConf.select(config, "hydra.launcher.n_jobs", default=-1) or -1)
+    at_once = jobs if jobs > 0 else max(1, cores + 1 + jobs)  # joblib: -1 all cores, -2 all but one, ...
+    os.environ["OMP_NUM_THREADS"] = str(max(1, cores // at_once))
+    log.info(f"{at_once} jobs at once on {cores} cores: {os.environ['OMP_NUM_THREADS']} torch thread(s) each "
+             "(OMP_NUM_THREADS)")
+
+
 class SweepSummary(Callback):
     """See the module's docstring. ``objective``: the column that ranks jobs when the config names no
     ``optimized_metric``."""
@@ -153,6 +175,7 @@ class SweepSummary(Callback):
 
         # the name this process resolved the sweep folder with; jobs in other processes resolve it again
         os.environ["CNNLAB_RUN_ID"] = run_id()
+        share_the_cores(config)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         metric = config.get("optimized_metric")
