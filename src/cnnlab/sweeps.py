@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,15 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
+def _short(override: str) -> str:
+    """``optimizer.lr=0.000587194737873281`` as ``optimizer.lr=0.0005872``: the table's width (the exact
+    values are in the job's .hydra/overrides.yaml and in the Best line)."""
+    key, equals, value = override.partition("=")
+    if equals and re.fullmatch(r"-?\d*\.\d{5,}(e-?\d+)?", value):
+        return f"{key}={float(value):.4g}"
+    return override
+
+
 def _number(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
 
@@ -127,7 +137,7 @@ def summary_table(sweep_dir: Path, objective: str = BEST_VAL, maximize: bool = T
                      **{column: results.get(column) for column in columns},
                      "folder": _relative(job["folder"]), "mlflow_run_id": results.get("mlflow_run_id")})
     header = ["", "job", "overrides", *columns, "run folder", "MLflow run id"]
-    lines = [[("*" if row["best"] else ""), str(row["job"]), " ".join(row["overrides"]) or "(none)",
+    lines = [[("*" if row["best"] else ""), str(row["job"]), " ".join(map(_short, row["overrides"])) or "(none)",
               *(_number(row[column]) for column in columns), row["folder"], row["mlflow_run_id"] or "-"]
              for row in rows]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines)]
