@@ -94,7 +94,7 @@ def forward_flops(model: nn.Module, size: int) -> float:
     meta = copy.deepcopy(model).to("meta").train()
     with FlopCounterMode(display=False) as counter:
         meta(torch.empty(2, 3, size, size, device="meta"))  # batch 2: BatchNorm in training needs > 1
-    return counter.get_total_flops() / 2
+    return counter.get_total_flops() / 2  # per image
 
 
 # "process": CPU seconds of this process, which other processes' load does not stretch (with one

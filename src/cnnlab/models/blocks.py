@@ -219,7 +219,9 @@ class SqueezeExcite(nn.Module):
         self.fc2 = nn.Conv2d(squeeze_chs, chs, 1)
 
     def forward(self, x):
-        gate = self.fc2(self.act(self.fc1(F.adaptive_avg_pool2d(x, 1))))
+        # the global pool as a mean: adaptive_avg_pool2d(x, 1) computes the same mean, then reshapes
+        # it through views whose backward (as_strided) costs more than the mean's (timm does the same)
+        gate = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
         return x * torch.sigmoid(gate)
 
 
