@@ -156,7 +156,8 @@ def startup(args) -> dict:
     firsts = []
     with tempfile.TemporaryDirectory() as tmp:
         stamp = Path(tmp) / "stamp"
-        overrides = [f"paths.root_dir={tmp}", "+callbacks.first_step._target_=overhead.FirstStepStamp"]
+        overrides = [f"paths.root_dir={tmp}", "+callbacks.first_step._target_=overhead.FirstStepStamp",
+                     *args.train_overrides]
         env = {**env, STAMP_ENV: str(stamp), "PYTHONPATH": os.pathsep.join(
             [str(ROOT / "benchmarks"), str(ROOT / "src"), env.get("PYTHONPATH", "")])}
         for i in range(args.startup_repeats + 1):  # the first prepares the data cache and the MLflow store
@@ -188,6 +189,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the step overhead")
     parser.add_argument("--clock", default="wall", choices=list(CLOCKS),
                         help="step overhead timed by wall time or by this process's CPU time (start-up: wall)")
+    parser.add_argument("--train-overrides", nargs="*", default=[],
+                        help="extra overrides for the first-step runs (e.g. logger=none), to see what costs what")
     parser.add_argument("--skip-loop", action="store_true")
     parser.add_argument("--skip-startup", action="store_true")
     args = parser.parse_args()
