@@ -21,6 +21,7 @@ import time
 from omegaconf import OmegaConf
 
 from .errors import ConfigError
+from .launch import is_first_process, process_label, shared_run_name
 
 
 def compound(base: float, coefficient: float, phi: float) -> float | int:
@@ -41,9 +42,28 @@ def run_id() -> str:
     The time alone (Hydra's ``${now:}``) gave two runs started in the same second one folder, with
     each other's checkpoints and results. The token makes the name unique however many runs start
     at once; it is drawn once per process, so every part of the config that names the folder
-    agrees. ``CNNLAB_RUN_ID`` sets it instead, for processes that must share one folder.
+    agrees. The processes of one torchrun or srun launch take the launcher's job id instead
+    (launch.shared_run_name); ``CNNLAB_RUN_ID`` sets it for any processes that must share one folder.
     """
-    return os.environ.get("CNNLAB_RUN_ID") or f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}"
+    return (os.environ.get("CNNLAB_RUN_ID") or shared_run_name()
+            or f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}")
+
+
+def process_log(job_name: str) -> str:
+    """The log file's name: ``train.log`` for the run's first process, ``train.rank1.log`` for the others.
+
+    The processes of a torchrun or srun launch share one run folder and one job name; writing
+    one file together would interleave their lines.
+    """
+    label = process_label()
+    return f"{job_name}.log" if label is None else f"{job_name}.{label}.log"
+
+
+def first_process_only(value):
+    """``value`` in the run's first process, null in the others (Hydra writes no .hydra/ for null)."""
+    return value if is_first_process() else None
 
 
 OmegaConf.register_new_resolver("run_id", run_id, replace=True)
+OmegaConf.register_new_resolver("process_log", process_log, replace=True)
+OmegaConf.register_new_resolver("first_process_only", first_process_only, replace=True)

@@ -276,6 +276,17 @@ class Trainer(Section):
     check_val_every_n_epoch: OptionalCount = None
     deterministic: rule("true, false or warn", lambda v: isinstance(v, bool) or v == "warn") = None
     gradient_clip_val: rule("a number >= 0, or null", lambda v: v is None or is_number(v) and v >= 0) = None
+    strategy: rule("auto, ddp, ddp_spawn, fsdp, deepspeed or another Lightning strategy name",
+                   lambda v: isinstance(v, str) and v != "") = None
+    sync_batchnorm: Flag = None
+    channels_last: Flag = None
+    compile: Flag = None
+
+    @model_validator(mode="after")
+    def sync_batchnorm_on_gpus(self):
+        if self.sync_batchnorm and self.accelerator == "cpu":
+            raise refuse("trainer.sync_batchnorm", True, "false on the CPU (SyncBatchNorm runs on GPUs only)")
+        return self
 
 
 class Tta(Section):

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
-from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.loggers import Logger, MLFlowLogger
 
 from .errors import ConfigError
+from .launch import is_first_process
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,11 @@ def mlflow_logger(experiment_name: str, tracking_uri: str | None, default_db: st
     """An MLflow logger on ``tracking_uri`` (e.g. ``http://host:5000``), or on the project's SQLite store.
 
     For a local store the artifacts go next to it (MLflow would otherwise put them under the
-    directory the run starts in); a server manages its own artifact store.
+    directory the run starts in); a server manages its own artifact store. Only a run's first
+    process has one (see ``OtherProcessLogger``).
     """
+    if not is_first_process():
+        return OtherProcessLogger()
     local = not tracking_uri
     if local:  # before the logger's client opens the store: it would create the tables itself, racing others
         prepare_store(default_db, experiment_name, Path(artifact_dir).resolve().as_uri())
@@ -97,6 +101,35 @@ def prepare_store(db_path: str | Path, experiment_name: str, artifact_location: 
         client = MlflowClient(sqlite_uri(db))
         if client.get_experiment_by_name(experiment_name) is None:
             client.create_experiment(experiment_name, artifact_location=artifact_location)
+
+
+class NoClient:
+    """Takes any MlflowClient call and does nothing."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
+class OtherProcessLogger(Logger):
+    """What the processes of a DDP run other than the first hold instead of an MLflow logger.
+
+    Lightning's MLflow logger connects to the store as it is made (MLflow opens, and for a new
+    SQLite file migrates, the database), in every process; only the first process writes the run,
+    so the others must not touch the store at all. Callbacks that need a logger (the learning-rate
+    monitor) still find one.
+    """
+
+    name, version, run_id, experiment_id = "mlflow", None, None, None
+
+    @property
+    def experiment(self) -> NoClient:
+        return NoClient()
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
 
 
 def git_tags() -> dict[str, str]:

@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..errors import ConfigError
 from .augment import eval_transform, train_transform
 from .cache import CachedSplit, ImageCache
 
@@ -51,36 +52,63 @@ class EpochShuffle(Sampler):
     Neither touches the process's random state, so a run's batches, distortions and dropout masks
     are the same with 0, 1 or 8 DataLoader workers. Lightning calls ``set_epoch`` before every
     epoch (after a resume too); without it, each pass counts as the next epoch.
+
+    With ``world`` processes (DDP), every process draws the same order and takes every world-th
+    image of it, from its ``rank`` on: step k's per-process batches together are exactly one
+    process's batch k of the whole batch size, with the same per-image seeds. The order is padded
+    with its first images to a multiple of ``world``, since every process must take as many steps.
     """
 
-    def __init__(self, size: int, seed: int, sample_seeds: bool = False):
+    def __init__(self, size: int, seed: int, sample_seeds: bool = False, rank: int = 0, world: int = 1):
         self.size, self.seed, self.sample_seeds, self.epoch = size, seed % 2**32, sample_seeds, 0
+        self.rank, self.world = rank, world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.size
+        return -(-self.size // self.world)
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
         self.epoch += 1
         order = rng.permutation(self.size).tolist()
-        if not self.sample_seeds:
-            return iter(order)
-        return zip(order, rng.integers(2**32, size=self.size).tolist())
+        keys = list(zip(order, rng.integers(2**32, size=self.size).tolist())) if self.sample_seeds else order
+        keys += keys[:len(self) * self.world - self.size]
+        return iter(keys[self.rank::self.world])
 
 
-def batches(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0) -> DataLoader:
-    """The project's DataLoader: every sample, in order or shuffled by ``EpochShuffle``.
+class Shard(Sampler):
+    """This process's share of an evaluation split: every world-th image from ``rank`` on, none twice.
+
+    Lightning's DistributedSampler pads the last batch with repeated images, so a test set scored
+    by several processes would count some images twice; here the shares differ by one at most.
+    """
+
+    def __init__(self, size: int, rank: int = 0, world: int = 1):
+        self.indices = range(rank, size, world)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+
+def batches(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0,
+            rank: int = 0, world: int = 1) -> DataLoader:
+    """The project's DataLoader: this process's share of every sample, in order or shuffled by ``EpochShuffle``.
 
     Every image is kept (few-shot sets are small), except a last training batch of one image,
     which BatchNorm cannot normalise. The loader has its own generator, because torch otherwise
     draws the workers' base seed from the global one once per epoch without persistent workers
     and once per run with them, which shifted every later random number (dropout) by the worker count.
     """
-    lone_last = shuffle and len(dataset) % batch_size == 1
-    sampler = EpochShuffle(len(dataset), seed, sample_seeds=getattr(dataset, "augments", False)) if shuffle else None
+    if shuffle:
+        sampler = EpochShuffle(len(dataset), seed, getattr(dataset, "augments", False), rank, world)
+    else:
+        sampler = Shard(len(dataset), rank, world)
+    lone_last = shuffle and len(sampler) % batch_size == 1
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=lone_last,
         num_workers=num_workers, persistent_workers=num_workers > 0,
@@ -88,9 +116,24 @@ def batches(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int =
     )
 
 
-def default_num_workers() -> int:
-    """Leave one core to the training process; never more than 8 per process."""
-    return max(0, min(8, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) - 1))
+def per_process_batch(batch_size: int, processes: int) -> int:
+    """Each process's share of the global ``data.batch_size``: DDP's step then averages the same batch as one process's."""
+    if batch_size % processes:
+        raise ConfigError(f"data.batch_size={batch_size} is the global batch and must divide evenly among the run's "
+                          f"{processes} processes (devices x num_nodes); use a multiple of {processes}")
+    return batch_size // processes
+
+
+def default_num_workers(processes: int = 1) -> int:
+    """Each of the machine's training processes gets an equal share of the cores, less one for itself (at most 16).
+
+    On one H100 with 16 cores, 8 workers (the cap before) held resnet50 at 0.88x the images/s it
+    trains on batches already in memory; 15 keep up (docs/benchmarks.md).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cores < os.cpu_count():  # bound to cores of its own (SLURM's --cpus-per-task): no one to share them with
+        processes = 1
+    return max(0, min(16, cores // processes - 1))
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -102,12 +145,18 @@ class ImageDataModule(pl.LightningDataModule):
         self.image_size = image_size
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.num_workers = num_workers  # None: default_num_workers, once the trainer says how many processes share the cores
         self.augment = dict(augment or {})
         self.mean = tuple(mean)
         self.std = tuple(std)
         self.cache: ImageCache | None = None
         self.seed = torch.initial_seed() if seed is None else seed  # shuffling and augmentation (EpochShuffle)
+
+    @property
+    def loader_workers(self) -> int:
+        if self.num_workers is not None:
+            return self.num_workers
+        return default_num_workers(self.trainer.num_devices if self.trainer else 1)
 
     def prepare_data(self) -> None:
         self.cache = self.source.prepare()
@@ -133,7 +182,9 @@ class ImageDataModule(pl.LightningDataModule):
         }
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
-        return batches(self.datasets[split], batch_size, shuffle, self.num_workers, self.seed)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        share = per_process_batch(batch_size, world) if shuffle else -(-batch_size // world)  # evaluation: any split
+        return batches(self.datasets[split], share, shuffle, self.loader_workers, self.seed, rank, world)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True, batch_size=self.batch_size)

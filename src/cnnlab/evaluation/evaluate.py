@@ -64,7 +64,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
                           "evaluate with the data settings it was trained with")
     mode = cfg.evaluate.mode
     views, groups = view_groups(mode, OmegaConf.to_container(cfg.tta, resolve=True), cfg.evaluate.image_size)
-    loader = view_loader(datamodule.cache.split("test"), views, cfg.evaluate.batch_size, datamodule.num_workers)
+    loader = view_loader(datamodule.cache.split("test"), views, cfg.evaluate.batch_size, datamodule.loader_workers)
     mode_views = groups[mode].stop - groups[mode].start
     extra = "" if mode == PLAIN else f" (and the plain view, {PLAIN})"
     log.info(f"Evaluating {cfg.ckpt} on {len(loader.dataset)} test images, "

@@ -49,8 +49,8 @@ class EpochLog(pl.Callback):
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         metrics = trainer.callback_metrics  # the epoch's validation has run by now
-        parts = [f"{split} " + " ".join(f"{name.split('/')[1]} {float(metrics[name]):.4f}"
-                                        for name in sorted(metrics) if name.startswith(f"{split}/"))
+        parts = [f"{split} " + " ".join(f"{name.split('/')[1]} {float(metrics[name]):.4f}" for name in sorted(metrics)
+                                        if name.startswith(f"{split}/") and name != f"{split}/images")
                  for split in ("train", "val")]
         learning_rate = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
         lr = f"lr {learning_rate:.3g}, " if learning_rate is not None else ""

@@ -83,7 +83,7 @@ class CachedFeatureDataModule(pl.LightningDataModule):
         arrays = {}
         for split in SPLITS:
             images = CachedImageDataset(self.images.cache.split(split), eval_transform(self.images.image_size))
-            loader = batches(images, self.images.eval_batch_size, shuffle=False, num_workers=self.images.num_workers)
+            loader = batches(images, self.images.eval_batch_size, shuffle=False, num_workers=self.images.loader_workers)
             arrays[f"{split}_features"], arrays[f"{split}_labels"] = extract(self.module, loader, f"Features ({split})")
         write_arrays(self.dir, arrays, {"classes": self.classes, "model": self.module.net.name,
                                         "data": self.images.cache.dir.name, "dim": int(arrays["train_features"].shape[1])})

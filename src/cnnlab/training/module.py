@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from ..models import count_parameters
@@ -26,16 +26,50 @@ def parameter_groups(params: Iterable[nn.Parameter], weight_decay: float) -> lis
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:
+    # validate_args=False: the labels come from our own caches, and checking them (torch.unique on the
+    # accelerator) made every step wait for the GPU, which then idled while the next step was queued
     metrics = {
-        "acc": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-        "f1": MulticlassF1Score(num_classes, average="macro"),
+        "acc": MulticlassAccuracy(num_classes, top_k=1, average="micro", validate_args=False),
+        "f1": MulticlassF1Score(num_classes, average="macro", validate_args=False),
     }
     if num_classes >= 5:
-        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro", validate_args=False)
     # compute_groups=False: torchmetrics would otherwise merge metrics whose states happen to be equal
     # after the first update (a first batch that is all correct makes top-1 and top-5 agree) into one
     # state, and then compute F1 and top-1 from the top-5 statistics for the rest of the epoch.
     return MetricCollection(metrics, compute_groups=False)
+
+
+class ImageCount(Metric):
+    """How many images a split's metrics cover, summed over every process (each evaluation image once)."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("images", torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, images: int) -> None:
+        self.images += images  # a Python number: no copy to the GPU, so no wait for it
+
+    def compute(self) -> torch.Tensor:
+        return self.images.float()
+
+
+class MeanLoss(ImageCount):
+    """A split's mean loss per image over every process's share. (torchmetrics' MeanMetric checks each
+    value for NaN, which makes every step wait for the GPU, and with the check off ignores the weights.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, loss: torch.Tensor, images: int) -> None:
+        self.total += loss.detach() * images
+        super().update(images)
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.images
 
 
 class ImageClassifier(pl.LightningModule):
@@ -64,6 +98,10 @@ class ImageClassifier(pl.LightningModule):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+        # torchmetrics, not self.log's per-process means: under DDP they gather every process's share,
+        # weighted by its images (a loss mean of the processes' means is not the split's mean)
+        self.train_loss, self.val_loss, self.test_loss = MeanLoss(), MeanLoss(), MeanLoss()
+        self.val_images, self.test_images = ImageCount(), ImageCount()
         self.trains_on_features = False  # set by training/features.py for a frozen trunk's cached features
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -110,8 +148,14 @@ class ImageClassifier(pl.LightningModule):
             loss = self.criterion(logits, labels)
         metrics = getattr(self, f"{split}_metrics")
         metrics.update(logits, labels)
-        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=len(labels))
+        mean_loss = getattr(self, f"{split}_loss")
+        mean_loss.update(loss, len(labels))
+        self.log(f"{split}/loss", mean_loss, on_step=False, on_epoch=True)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=split == "val")
+        if split != "train":
+            images = getattr(self, f"{split}_images")
+            images.update(len(labels))
+            self.log(f"{split}/images", images, on_step=False, on_epoch=True)
         return loss
 
     def training_step(self, batch, batch_idx):

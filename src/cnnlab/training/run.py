@@ -10,14 +10,19 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import MLFlowLogger
 
 from .. import tracking
+from ..launch import is_first_process
 from ..data import ImageDataModule
+from ..data.datamodule import per_process_batch
+from ..errors import ConfigError
 from .features import train_on_cached_features
 from .module import ImageClassifier
+from .trainer import launches_own_processes
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +80,29 @@ def log_summary(cfg: DictConfig, datamodule: ImageDataModule) -> None:
              f"{datamodule.batch_size}, seed {cfg.seed}{where}")
 
 
+def check_processes(trainer: pl.Trainer, datamodule: ImageDataModule) -> None:
+    """Refuse, before any work, what several processes cannot do: an uneven batch, a sweep Lightning would re-run."""
+    per_process_batch(datamodule.batch_size, trainer.world_size)
+    if launches_own_processes(trainer) and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ConfigError(f"-m with {trainer.num_devices} DDP processes: Lightning starts them by re-running the "
+                          "command, which would re-run the whole sweep in each; run each job as its own command, or "
+                          "sweep with hydra/launcher=slurm (each job's processes started by SLURM)")
+
+
 def train(cfg: DictConfig) -> float:
     """Train, checkpoint, test and track one model; returns the test accuracy (a sweep's objective)."""
     quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True)
     tracking.use_store(cfg.tracking_uri, cfg.paths.mlflow_db)  # where runs:/ references resolve
     datamodule, module = build(cfg)
-    logger = instantiate(cfg.logger, tags=tracking.run_tags(cfg, "train", command_line())) if cfg.logger else None
     freeze = instantiate(cfg.freeze)
     callbacks = [freeze, *(c for c in instantiate(cfg.callbacks).values() if c is not None)]
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks,
-                                      **progress_bar(cfg.trainer))
-    log_summary(cfg, datamodule)
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=False, callbacks=callbacks, **progress_bar(cfg.trainer))
+    check_processes(trainer, datamodule)  # before the logger: a refused run leaves no MLflow run behind
+    logger = instantiate(cfg.logger, tags=tracking.run_tags(cfg, "train", command_line())) if cfg.logger else None
+    trainer.logger = logger
+    if is_first_process():
+        log_summary(cfg, datamodule)
     if logger is not None:
         logger.log_hyperparams(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
         logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
@@ -105,7 +121,8 @@ def train(cfg: DictConfig) -> float:
 
 
 def report(results: dict, trainer: pl.Trainer, logger: MLFlowLogger | None) -> None:
-    summary = ", ".join(f"{name.removeprefix('test/')} {value:.4f}" for name, value in sorted(results.items()))
-    log.info(f"\nTest accuracy: {results['test/acc']:.4f}  ({summary})")
+    summary = ", ".join(f"{name.removeprefix('test/')} {value:.4f}" for name, value in sorted(results.items())
+                        if name != "test/images")
+    log.info(f"\nTest accuracy: {results['test/acc']:.4f} on {results['test/images']:.0f} images  ({summary})")
     log.info(f"Best checkpoint: {trainer.checkpoint_callback.best_model_path}")
     tracking.log_how_to_open(logger)
