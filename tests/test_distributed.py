@@ -221,3 +221,15 @@ def test_other_processes_never_open_the_mlflow_store(monkeypatch, tmp_path):
     logger = tracking.mlflow_logger("cnnlab", None, str(tmp_path / "mlflow.db"), str(tmp_path / "artifacts"))
     logger.log_hyperparams({"a": 1}), logger.experiment.log_text(logger.run_id, "text", "file.txt")
     assert isinstance(logger, tracking.OtherProcessLogger) and list(tmp_path.iterdir()) == []
+
+
+def test_the_slurm_script_runs_a_valid_training_command(compose):
+    """scripts/slurm/train_ddp.sbatch: its srun line is a train.py command whose config composes and validates."""
+    script = (ROOT / "scripts" / "slurm" / "train_ddp.sbatch").read_text().replace("\\\n", " ")
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    words = srun.split()
+    assert words[:3] == ["srun", "python", "src/train.py"] and words[-1] == '"$@"'
+    cfg = compose(*words[3:-1], "data.source.root=/tmp")
+    schema.validate(cfg, schema.Train)
+    assert (cfg.trainer.strategy, cfg.trainer.num_nodes, cfg.trainer.devices) == ("ddp", 2, 8)
+    assert "--ntasks-per-node=8" in script and "--nodes=2" in script  # one task per GPU, as Lightning's SLURM wants

@@ -542,6 +542,15 @@ def shell(line: str) -> Callable[[str, Artifacts], Result]:
     return lambda command, artifacts: run(["bash", "-c", line])
 
 
+def launched(check: Callable[[str, Artifacts], Result]) -> Callable[[str, Artifacts], Result]:
+    """A launcher's command (``torchrun ... src/train.py overrides``): ``check`` on ``python src/train.py overrides``."""
+    def check_launched(command: str, artifacts: Artifacts) -> Result:
+        words = shlex.split(command)
+        script = next(i for i, word in enumerate(words) if word.startswith("src/"))
+        return check(shlex.join(["python", *words[script:]]), artifacts)
+    return check_launched
+
+
 def nothing(command: str, artifacts: Artifacts) -> Result:
     return Result([], 0, "")
 
@@ -625,6 +634,31 @@ REDUCED: dict[str, Reduced] = {
                            help_lists_options("mlflow", "server")),
     "python src/train.py -m hydra/launcher=joblib hydra.launcher.n_jobs=4 tracking_uri=http://127.0.0.1:5000 "
     "seed=1,2,3,4": Reduced("needs the server above: every job's config composes", sweep_jobs_compose),
+    "python benchmarks/prepare_throughput.py": Reduced(
+        "a benchmark (minutes, by design): it starts", help_lists_options("python", "benchmarks/prepare_throughput.py")),
+    "python benchmarks/overhead.py --threads 1 --clock process --skip-startup": Reduced(
+        "a benchmark (minutes, by design): its options exist", help_lists_options("python", "benchmarks/overhead.py")),
+    "python benchmarks/overhead.py --skip-loop": Reduced(
+        "a benchmark (minutes, by design): its options exist", help_lists_options("python", "benchmarks/overhead.py")),
+    "python benchmarks/overhead.py --skip-loop --startup-repeats 2 --train-overrides logger=none "
+    "+trainer.num_sanity_val_steps=0": Reduced(
+        "a benchmark (minutes, by design): its options exist", help_lists_options("python", "benchmarks/overhead.py")),
+    "python benchmarks/trainer_throughput.py --models resnet50 efficientnet_b0 --size 224 --batch 256 --images 2048 "
+    "--compile off": Reduced("a GPU benchmark: its options exist",
+                             help_lists_options("python", "benchmarks/trainer_throughput.py")),
+    "python benchmarks/trainer_throughput.py --models resnet50 efficientnet_b0 --size 224 --batch 256 --images 2048 "
+    "--compile on": Reduced("a GPU benchmark: its options exist",
+                            help_lists_options("python", "benchmarks/trainer_throughput.py")),
+    "python src/train.py trainer=gpu model=resnet50 data=imagefolder data.source.root=/path/to/images": Reduced(
+        "needs a CUDA GPU: the config composes with these overrides", hydra_cfg_job),
+    "python src/train.py trainer=gpu trainer.compile=true model=efficientnet_b0": Reduced(
+        "needs a CUDA GPU: the config composes with these overrides", hydra_cfg_job),
+    "python src/train.py trainer=ddp trainer.devices=4 trainer.sync_batchnorm=true model=resnet50": Reduced(
+        "needs four CUDA GPUs: the config composes with these overrides", hydra_cfg_job),
+    "torchrun --nnodes=2 --nproc-per-node=8 --node-rank=0 --master-addr=10.0.0.1 --master-port=29500 "
+    "--rdzv-id=resnet50-a src/train.py trainer=ddp trainer.num_nodes=2 trainer.devices=8 model=resnet50": Reduced(
+        "needs two machines of eight GPUs (tests/test_distributed.py runs two torchrun launches on CPU): the "
+        "launched command's config composes", launched(hydra_cfg_job)),
     ".venv/bin/python scripts/readme_figures.py": Reduced(
         "measures the README's figures (10 minutes): it compiles, and every run it makes composes",
         lambda command, artifacts: figures_compose()),
