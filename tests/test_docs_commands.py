@@ -6,7 +6,7 @@ this file:
 * code blocks (indented by four spaces, or fenced) are split into lines, a line into its commands
   (``a && b``, ``a; b``), and ``# comments`` are dropped;
 * a block whose first line starts with a program (``python``, ``make``, ``dvc``, ``mlflow``,
-  ``source``, ``git``, ``cd``, or anything else found on PATH) is a block of commands: each of its
+  ``source``, ``git``, ``cd``, ``torchrun``, or anything else found on PATH) is a block of commands: each of its
   lines must be a command of a known program; a block with ``$ `` prompts has its commands on those
   lines and their output on the others; any other block is output (a log, a table, a tree);
 * ``python src/<script>.py ...`` commands are RUN, from the project root, in a tiny setting: the
@@ -55,7 +55,7 @@ pytestmark = pytest.mark.slow
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 VENV_BIN = Path(sys.executable).parent
-PROGRAMS = {"python", "make", "dvc", "mlflow", "source", "git", "cd"}
+PROGRAMS = {"python", "make", "dvc", "mlflow", "source", "git", "cd", "torchrun"}
 TIMEOUT = 180  # s for one command: each takes seconds
 
 
@@ -657,7 +657,7 @@ REDUCED: dict[str, Reduced] = {
         "needs four CUDA GPUs: the config composes with these overrides", hydra_cfg_job),
     "torchrun --nnodes=2 --nproc-per-node=8 --node-rank=0 --master-addr=10.0.0.1 --master-port=29500 "
     "--rdzv-id=resnet50-a src/train.py trainer=ddp trainer.num_nodes=2 trainer.devices=8 model=resnet50": Reduced(
-        "needs two machines of eight GPUs (tests/test_distributed.py runs two torchrun launches on CPU): the "
+        "needs two machines of eight GPUs (tests/test_scaling.py runs two torchrun launches on CPU): the "
         "launched command's config composes", launched(hydra_cfg_job)),
     ".venv/bin/python scripts/readme_figures.py": Reduced(
         "measures the README's figures (10 minutes): it compiles, and every run it makes composes",

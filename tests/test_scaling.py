@@ -1,4 +1,4 @@
-"""More than one process: DDP on CPU (gloo) through `python src/train.py trainer=ddp_cpu`, two nodes
+"""Scaling out: the trainer presets, DDP on CPU (gloo) through `python src/train.py trainer=ddp_cpu`, two nodes
 simulated with two torchrun launches on 127.0.0.1, and the data module's sharding against one process."""
 
 import json
@@ -233,3 +233,19 @@ def test_the_slurm_script_runs_a_valid_training_command(compose):
     schema.validate(cfg, schema.Train)
     assert (cfg.trainer.strategy, cfg.trainer.num_nodes, cfg.trainer.devices) == ("ddp", 2, 8)
     assert "--ntasks-per-node=8" in script and "--nodes=2" in script  # one task per GPU, as Lightning's SLURM wants
+
+
+@pytest.mark.slow
+def test_compiled_channels_last_training_saves_checkpoints_that_load_anywhere(tmp_path):
+    """trainer.compile=true and trainer.channels_last=true (the gpu preset's levers), on the CPU."""
+    from cnnlab.training.module import ImageClassifier
+
+    result = run_script("train.py", *tiny_overrides(tmp_path), "trainer.compile=true", "trainer.channels_last=true",
+                        "logger=none")
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = next((tmp_path / "outputs" / "runs").glob("*/checkpoints/last.ckpt"))
+    module = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu").eval()  # a plain, uncompiled module
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    assert set(state) == set(module.state_dict())  # no torch.compile prefixes (_orig_mod.)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    assert module(images).shape == (2, 10)
