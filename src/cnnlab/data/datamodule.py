@@ -116,6 +116,19 @@ def batches(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int =
     )
 
 
+def process_loader(datamodule: pl.LightningDataModule, dataset: Dataset, shuffle: bool, batch_size: int,
+                   num_workers: int = 0, seed: int = 0) -> DataLoader:
+    """``batches`` of this process's share of ``dataset``, in the run ``datamodule`` is attached to.
+
+    ``batch_size`` is the global batch: for training each process takes its share of it; an
+    evaluation batch is split as evenly as it goes.
+    """
+    trainer = datamodule.trainer
+    rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+    share = per_process_batch(batch_size, world) if shuffle else -(-batch_size // world)
+    return batches(dataset, share, shuffle, num_workers, seed, rank, world)
+
+
 def per_process_batch(batch_size: int, processes: int) -> int:
     """Each process's share of the global ``data.batch_size``: DDP's step then averages the same batch as one process's."""
     if batch_size % processes:
@@ -182,9 +195,7 @@ class ImageDataModule(pl.LightningDataModule):
         }
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        share = per_process_batch(batch_size, world) if shuffle else -(-batch_size // world)  # evaluation: any split
-        return batches(self.datasets[split], share, shuffle, self.loader_workers, self.seed, rank, world)
+        return process_loader(self, self.datasets[split], shuffle, batch_size, self.loader_workers, self.seed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True, batch_size=self.batch_size)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..data.augment import eval_transform
 from ..data.cache import SPLITS, ImageCache, is_prepared, write_arrays
-from ..data.datamodule import CachedImageDataset, ImageDataModule, batches
+from ..data.datamodule import CachedImageDataset, ImageDataModule, batches, process_loader
 from .finetune import trunk
 from .module import ImageClassifier
 
@@ -98,13 +98,13 @@ class CachedFeatureDataModule(pl.LightningDataModule):
                          for split in SPLITS}
 
     def train_dataloader(self) -> DataLoader:
-        return batches(self.datasets["train"], self.images.batch_size, shuffle=True, seed=self.images.seed)
+        return process_loader(self, self.datasets["train"], True, self.images.batch_size, seed=self.images.seed)
 
     def val_dataloader(self) -> DataLoader:
-        return batches(self.datasets["val"], self.images.eval_batch_size, shuffle=False)
+        return process_loader(self, self.datasets["val"], False, self.images.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return batches(self.datasets["test"], self.images.eval_batch_size, shuffle=False)
+        return process_loader(self, self.datasets["test"], False, self.images.eval_batch_size)
 
 
 def train_on_cached_features(datamodule: ImageDataModule, module: ImageClassifier, features_dir: Path):

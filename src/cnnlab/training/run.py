@@ -16,10 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import MLFlowLogger
 
 from .. import tracking
-from ..launch import is_first_process
 from ..data import ImageDataModule
 from ..data.datamodule import per_process_batch
 from ..errors import ConfigError
+from ..launch import is_first_process
 from .features import train_on_cached_features
 from .module import ImageClassifier
 from .trainer import launches_own_processes
