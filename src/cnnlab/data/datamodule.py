@@ -140,8 +140,8 @@ def per_process_batch(batch_size: int, processes: int) -> int:
 def default_num_workers(processes: int = 1) -> int:
     """Each of the machine's training processes gets an equal share of the cores, less one for itself (at most 16).
 
-    On one H100 with 16 cores, 8 workers (the cap before) held resnet50 at 0.88x the images/s it
-    trains on batches already in memory; 15 keep up (docs/benchmarks.md).
+    On one H100 with 16 cores, 8 workers (the cap before) held compiled resnet50 to 3,406 images/s,
+    against 3,897 with 15 (0.90 of what it trains on batches already in memory; docs/benchmarks.md).
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if cores < os.cpu_count():  # bound to cores of its own (SLURM's --cpus-per-task): no one to share them with
