@@ -634,14 +634,15 @@ REDUCED: dict[str, Reduced] = {
                            help_lists_options("mlflow", "server")),
     "python src/train.py -m hydra/launcher=joblib hydra.launcher.n_jobs=4 tracking_uri=http://127.0.0.1:5000 "
     "seed=1,2,3,4": Reduced("needs the server above: every job's config composes", sweep_jobs_compose),
+    "python benchmarks/train_throughput.py --models resnet50 efficientnet_b0 --sizes 128": Reduced(
+        "a benchmark (minutes, by design): its options exist", help_lists_options("python", "benchmarks/train_throughput.py")),
     "python benchmarks/prepare_throughput.py": Reduced(
         "a benchmark (minutes, by design): it starts", help_lists_options("python", "benchmarks/prepare_throughput.py")),
     "python benchmarks/overhead.py --threads 1 --clock process --skip-startup": Reduced(
         "a benchmark (minutes, by design): its options exist", help_lists_options("python", "benchmarks/overhead.py")),
     "python benchmarks/overhead.py --skip-loop": Reduced(
         "a benchmark (minutes, by design): its options exist", help_lists_options("python", "benchmarks/overhead.py")),
-    "python benchmarks/overhead.py --skip-loop --startup-repeats 2 --train-overrides logger=none "
-    "+trainer.num_sanity_val_steps=0": Reduced(
+    "python benchmarks/overhead.py --skip-loop --train-overrides trainer.num_sanity_val_steps=2": Reduced(
         "a benchmark (minutes, by design): its options exist", help_lists_options("python", "benchmarks/overhead.py")),
     "python benchmarks/trainer_throughput.py --models resnet50 efficientnet_b0 --size 224 --batch 256 --images 2048 "
     "--compile off": Reduced("a GPU benchmark: its options exist",
