@@ -143,15 +143,18 @@ def test_training_logs_to_an_mlflow_server_over_http(mlflow_server):
     assert list((tmp_path / "store").rglob("best.ckpt"))  # stored by the server, not by the client
 
 
-def test_resume_from_continues_a_stopped_run(tmp_path):
+def test_a_checkpoint_from_elsewhere_starts_a_new_run_from_its_state(tmp_path):
+    """resume=<a checkpoint outside a run's checkpoints/ folder>: a new folder, continuing the schedule (and the
+    gradual unfreezing) from the checkpoint's epoch. (Resuming a run in place: tests/test_resume.py.)"""
     first = run_script("train.py", *tiny_overrides(tmp_path), "logger=none", "freeze=gradual", "freeze.unfreeze_at=[1]",
                        f"hydra.run.dir={tmp_path}/first")
     assert first.returncode == 0, first.stderr[-3000:]
+    (tmp_path / "first" / "checkpoints" / "last.ckpt").rename(tmp_path / "copied.ckpt")
     resumed = run_script("train.py", *tiny_overrides(tmp_path), "logger=none", "freeze=gradual", "freeze.unfreeze_at=[1]",
-                         "trainer.max_epochs=2", f"resume_from={tmp_path}/first/checkpoints/last.ckpt",
-                         f"hydra.run.dir={tmp_path}/resumed")
+                         "trainer.max_epochs=2", f"resume={tmp_path}/copied.ckpt")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     output = resumed.stdout + resumed.stderr
     assert "Restoring states from the checkpoint" in output and "unfroze stages.2" in output
-    checkpoint = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    [folder] = (tmp_path / "outputs" / "runs").iterdir()
+    checkpoint = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 2 * 64 // 16  # one more epoch, not two

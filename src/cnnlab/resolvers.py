@@ -17,6 +17,7 @@ import functools
 import os
 import secrets
 import time
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -49,6 +50,20 @@ def run_id() -> str:
             or f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}")
 
 
+def run_folder(resume, new: str) -> str:
+    """The run's folder: ``new`` for a new run; with ``resume=<run folder | a checkpoint in its
+    checkpoints/>``, that run's own folder, which the resumed run continues.
+
+    A checkpoint from anywhere else starts a new run (in ``new``) from its weights and state.
+    """
+    if resume is None:
+        return new
+    path = Path(str(resume)).expanduser()
+    if path.is_dir():
+        return str(path)
+    return str(path.parent.parent) if path.is_file() and path.parent.name == "checkpoints" else new
+
+
 def process_log(job_name: str) -> str:
     """The log file's name: ``train.log`` for the run's first process, ``train.rank1.log`` for the others.
 
@@ -65,5 +80,6 @@ def first_process_only(value):
 
 
 OmegaConf.register_new_resolver("run_id", run_id, replace=True)
+OmegaConf.register_new_resolver("run_folder", run_folder, replace=True)
 OmegaConf.register_new_resolver("process_log", process_log, replace=True)
 OmegaConf.register_new_resolver("first_process_only", first_process_only, replace=True)

@@ -87,7 +87,6 @@ ChannelMeans = rule("a list of 3 numbers (one per RGB channel)", lambda v: is_nu
 ChannelStds = rule("a list of 3 numbers > 0 (one per RGB channel)",
                    lambda v: is_numbers(v, 3, lambda s: is_number(s) and s > 0))
 ExistingFolder = rule("an existing folder", lambda v: isinstance(v, str) and Path(v).expanduser().is_dir())
-Checkpoint = rule("an existing checkpoint file, or null", lambda v: v is None or is_existing_file(v))
 
 
 class Section(BaseModel):
@@ -330,7 +329,9 @@ def at_least_the_model_minimum(key: str, size, model: Model) -> None:
 
 class Train(Tracked):
     seed: Seed = None
-    resume_from: Checkpoint = None
+    resume: rule("a run folder (holding checkpoints/last.ckpt), a checkpoint file, or null",
+                 lambda v: v is None or is_existing_file(v)
+                 or isinstance(v, str) and (Path(v).expanduser() / "checkpoints" / "last.ckpt").is_file()) = None
     label_smoothing: BelowOne = None
     scaling: Scaling = None  # first: its values reach data and model, whose keys would be blamed instead
     data: Data = None

@@ -60,26 +60,31 @@ def run_artifact(reference: str, default_path: str = "best/best.ckpt") -> Path:
 
 def mlflow_logger(experiment_name: str, tracking_uri: str | None, default_db: str, artifact_dir: str,
                   run_name: str | None = None, tags: Mapping[str, str] | None = None,
-                  log_model: bool = True) -> MLFlowLogger:
+                  log_model: bool = True, run_id: str | None = None) -> MLFlowLogger:
     """An MLflow logger on ``tracking_uri`` (e.g. ``http://host:5000``), or on the project's SQLite store.
 
     For a local store the artifacts go next to it (MLflow would otherwise put them under the
     directory the run starts in); a server manages its own artifact store. Only a run's first
-    process has one (see ``OtherProcessLogger``).
+    process has one (see ``OtherProcessLogger``). With ``run_id``, the logger continues that run (a
+    resumed training), which is RUNNING again until it closes.
     """
     if not is_first_process():
         return OtherProcessLogger()
     local = not tracking_uri
     if local:  # before the logger's client opens the store: it would create the tables itself, racing others
         prepare_store(default_db, experiment_name, Path(artifact_dir).resolve().as_uri())
-    return MLFlowLogger(
+    logger = MLFlowLogger(
         experiment_name=experiment_name,
         run_name=run_name,
         tracking_uri=sqlite_uri(default_db) if local else tracking_uri,
         artifact_location=Path(artifact_dir).resolve().as_uri() if local else None,
         tags={**git_tags(), **(tags or {})},
         log_model=log_model,
+        run_id=run_id,
     )
+    if run_id is not None:
+        logger.experiment.update_run(run_id, status="RUNNING")
+    return logger
 
 
 def prepare_store(db_path: str | Path, experiment_name: str, artifact_location: str) -> None:
@@ -144,7 +149,7 @@ def git_tags() -> dict[str, str]:
 
 
 # Where a run's results go and what it is called, not what it computes: left out of its config hash.
-NOT_HASHED = ("paths", "tracking_uri", "logger", "experiment", "run_name", "tags")
+NOT_HASHED = ("paths", "tracking_uri", "logger", "experiment", "run_name", "tags", "resume")
 # Set by DVC for each stage command: the stage, and for `dvc exp run` the experiment and its baseline commit.
 DVC_TAGS = {"DVC_STAGE": "cnnlab.dvc.stage", "DVC_EXP_NAME": "cnnlab.dvc.exp_name",
             "DVC_EXP_BASELINE_REV": "cnnlab.dvc.baseline_rev"}

@@ -1,11 +1,16 @@
-"""Callbacks every run has: checkpoints whose last.ckpt is truly the last epoch, and a log line per epoch."""
+"""Callbacks every run has: checkpoints whose last.ckpt is truly the last epoch, the random generators in
+every checkpoint, and a log line per epoch."""
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 
+import numpy as np
+
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 log = logging.getLogger(__name__)
@@ -33,6 +38,29 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         # skipped when a checkpoint was already saved at this step, during the sanity check, or outside fit
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class RandomStates(pl.Callback):
+    """Keeps the process's random generators (torch, numpy, Python's, CUDA's) in every checkpoint and
+    restores them on resume, so that dropout and anything else drawn after a resume is what an
+    uninterrupted run would have drawn. (The data's order and distortions come from the seed and
+    the epoch alone; see data/datamodule.py.) Stored as tensors and plain numbers, which
+    ``torch.load(weights_only=True)`` reads.
+    """
+
+    def state_dict(self) -> dict:
+        kind, keys, position, has_gauss, gauss = np.random.get_state()
+        return {"torch": torch.get_rng_state(), "python": random.getstate(),
+                "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        kind, keys, position, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class EpochLog(pl.Callback):

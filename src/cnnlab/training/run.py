@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -30,9 +32,31 @@ log = logging.getLogger(__name__)
 def command_line() -> str:
     """The command that reproduces this job (for a sweep: this job's overrides, not the sweep's)."""
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else sys.argv[1:]
-    script = Path(sys.argv[0])
-    script = script.relative_to(Path.cwd()) if script.is_absolute() and script.is_relative_to(Path.cwd()) else script
-    return " ".join(["python", str(script), *overrides])
+    return " ".join(["python", str(relative(Path(sys.argv[0]))), *overrides])
+
+
+def relative(path: Path) -> Path:
+    return path.relative_to(Path.cwd()) if path.is_absolute() and path.is_relative_to(Path.cwd()) else path
+
+
+def continue_command(folder: Path) -> str:
+    """The command that continues this run, in ``folder``, from the end of its last completed epoch."""
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
+    words = ["python", str(relative(Path(sys.argv[0]))), *overrides, f"resume={relative(folder)}"]
+    return " ".join(shlex.quote(word) for word in words)
+
+
+def resume_point(resume: str | None) -> tuple[Path | None, str | None]:
+    """The checkpoint a run continues from (``resume``: a run folder's checkpoints/last.ckpt, or a
+    checkpoint file), and the MLflow run to continue: the checkpoint's own, when the run goes on in
+    the checkpoint's folder (config.yaml's ``run_folder`` resolver decides), else none (a new run)."""
+    if resume is None:
+        return None, None
+    path = Path(resume).expanduser()
+    checkpoint = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
+    if not (path.is_dir() or path.parent.name == "checkpoints"):
+        return checkpoint, None
+    return checkpoint, torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("mlflow_run_id")
 
 
 def _plain(node):
@@ -99,18 +123,24 @@ def train(cfg: DictConfig) -> float:
     callbacks = [freeze, *(c for c in instantiate(cfg.callbacks).values() if c is not None)]
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=False, callbacks=callbacks, **progress_bar(cfg.trainer))
     check_processes(trainer, datamodule)  # before the logger: a refused run leaves no MLflow run behind
-    logger = instantiate(cfg.logger, tags=tracking.run_tags(cfg, "train", command_line())) if cfg.logger else None
+    checkpoint, mlflow_run = resume_point(cfg.resume)
+    logger = instantiate(cfg.logger, tags=tracking.run_tags(cfg, "train", command_line()),
+                         run_id=mlflow_run) if cfg.logger else None
     trainer.logger = logger
     if is_first_process():
         log_summary(cfg, datamodule)
-    if logger is not None:
+    if logger is not None and mlflow_run is None:  # a continued run has its params and config already
         logger.log_hyperparams(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
         logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         tracking.log_data(logger, datamodule.cache)
     if freeze.cache_features:
         datamodule = train_on_cached_features(datamodule, module, Path(cfg.paths.data_dir) / "features")
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume_from)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
+    except BaseException:
+        say_how_to_continue()
+        raise
     results = trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
     if trainer.is_global_zero:  # one summary per run, however many processes train it
         if HydraConfig.initialized():  # the run folder's summary, also what DVC reads as the stage's metrics
@@ -118,6 +148,16 @@ def train(cfg: DictConfig) -> float:
             metrics_file.write_text(json.dumps(results, indent=2, sort_keys=True))
         report(results, trainer, logger)
     return results["test/acc"]
+
+
+def say_how_to_continue() -> None:
+    """After a run stopped early: the command that continues it, if an epoch finished (its last.ckpt)."""
+    if not (is_first_process() and HydraConfig.initialized()):
+        return
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    if (folder / "checkpoints" / "last.ckpt").is_file():
+        log.error(f"The run stopped before its last epoch. Continue it, in the same folder and MLflow run, with:\n"
+                  f"  {continue_command(folder)}")
 
 
 def report(results: dict, trainer: pl.Trainer, logger: MLFlowLogger | None) -> None:

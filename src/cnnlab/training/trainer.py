@@ -3,10 +3,13 @@ Lightning leaves to the model: channels-last memory and ``torch.compile``."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
 from ..errors import ConfigError
@@ -30,11 +33,25 @@ class ChannelsLastAndCompile(pl.Callback):
             pl_module.net.compile()
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a hidden temporary file beside it, then renames it into place.
+
+    A kill at any moment (SIGKILL, a pre-empted job, a full disk) leaves the previous last.ckpt or
+    the new one, never half of one: a rename within a folder is atomic.
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        partial = path.with_name(f".{path.name}.partial")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        os.replace(partial, path)
+
+
 def build_trainer(*, channels_last: bool = False, compile: bool = False, sync_batchnorm: bool = False,
                   callbacks: Sequence[pl.Callback] = (), **options) -> pl.Trainer:
     """A ``pl.Trainer`` with ``options``, and the speed-ups the preset turns on.
 
-    The data module shards every split itself (each validation and test image exactly once; the
+    Checkpoints are written atomically (``AtomicCheckpointIO``). The data module shards every split itself (each validation and test image exactly once; the
     training order drawn from the seed and the epoch alone), so Lightning's DistributedSampler,
     which pads the last batch with repeated images, stays out.
     """
@@ -44,7 +61,7 @@ def build_trainer(*, channels_last: bool = False, compile: bool = False, sync_ba
                           "(torch.cuda.is_available() is False); use trainer=cpu, or trainer=ddp_cpu for several processes")
     extra = [ChannelsLastAndCompile(channels_last, compile)] if channels_last or compile else []
     return pl.Trainer(callbacks=[*callbacks, *extra], sync_batchnorm=sync_batchnorm, use_distributed_sampler=False,
-                      **options)
+                      plugins=[AtomicCheckpointIO()], **options)
 
 
 def launches_own_processes(trainer: pl.Trainer) -> bool:
