@@ -98,3 +98,28 @@ def test_an_interrupted_run_says_how_to_continue_it(tmp_path):
     resumed = subprocess.run(command.split(), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (folder / "metrics.json").is_file() and only_folder(tmp_path) == folder
+
+
+def test_sigterm_stops_the_run_in_seconds_marks_it_killed_and_keeps_its_checkpoint(tmp_path):
+    """What `timeout`, `docker stop` and SLURM send, to the whole process group (the DataLoader worker too)."""
+    task = [o if o != "data.num_workers=0" else "data.num_workers=1" for o in TASK]
+    process = subprocess.Popen([sys.executable, "src/train.py", f"paths.root_dir={tmp_path}", *task], cwd=ROOT,
+                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if list((tmp_path / "outputs" / "runs").glob("*/checkpoints/last.ckpt")):
+            time.sleep(0.3)
+            os.killpg(process.pid, signal.SIGTERM)
+            stopped_at = time.monotonic()
+            break
+        time.sleep(0.02)
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode not in (0, None) and time.monotonic() - stopped_at < 15, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert "Continue it, in the same folder and MLflow run, with:" in output
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("cnnlab").experiment_id])
+    assert run.info.status == "KILLED"
+    assert "last/last.ckpt" in {a.path for a in client.list_artifacts(run.info.run_id, "last")}

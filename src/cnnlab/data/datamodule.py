@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from collections.abc import Mapping
 
 import numpy as np
@@ -110,10 +111,17 @@ def batches(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int =
         sampler = Shard(len(dataset), rank, world)
     lone_last = shuffle and len(sampler) % batch_size == 1
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, drop_last=lone_last,
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=lone_last, worker_init_fn=leave_stopping_to_the_parent,
         num_workers=num_workers, persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed % 2**32), pin_memory=torch.cuda.is_available(),
     )
+
+
+def leave_stopping_to_the_parent(worker_id: int) -> None:
+    """A DataLoader worker ignores SIGTERM: SLURM and `kill` of a process group send it to every process, and a
+    worker that died first turned the training process's graceful stop into a traceback. Workers still end
+    with their parent (torch watches it)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def process_loader(datamodule: pl.LightningDataModule, dataset: Dataset, shuffle: bool, batch_size: int,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+import signal
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -137,7 +139,13 @@ def train(cfg: DictConfig) -> float:
         datamodule = train_on_cached_features(datamodule, module, Path(cfg.paths.data_dir) / "features")
 
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
+        with stop_signals_as_ctrl_c():
+            trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
+    except SystemExit:  # Lightning's graceful shutdown after Ctrl-C or SIGTERM: the user stopped the run
+        if isinstance(logger, MLFlowLogger):
+            logger.experiment.set_terminated(logger.run_id, "KILLED")
+        say_how_to_continue()
+        raise
     except BaseException:
         say_how_to_continue()
         raise
@@ -148,6 +156,20 @@ def train(cfg: DictConfig) -> float:
             metrics_file.write_text(json.dumps(results, indent=2, sort_keys=True))
         report(results, trainer, logger)
     return results["test/acc"]
+
+
+@contextmanager
+def stop_signals_as_ctrl_c():
+    """SIGTERM (what `timeout`, `docker stop`, SLURM's pre-emption and a closed terminal send) stops a run the
+    way Ctrl-C does: Lightning shuts down gracefully and logs the checkpoints; the run is marked KILLED."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def say_how_to_continue() -> None:
