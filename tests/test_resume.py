@@ -87,10 +87,12 @@ def test_an_interrupted_run_says_how_to_continue_it(tmp_path):
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
         if list((tmp_path / "outputs" / "runs").glob("*/checkpoints/last.ckpt")):
+            time.sleep(0.5)  # into the second epoch: training, not writing the checkpoint
             process.send_signal(signal.SIGINT)
             break
         time.sleep(0.02)
     output = process.communicate(timeout=120)[0]
+    assert process.returncode == 1, output[-3000:]
     folder = only_folder(tmp_path)
     command = next(line.strip() for line in output.splitlines() if line.strip().startswith("python src/train.py"))
     assert command.endswith(f"resume={folder}") and "trainer.max_epochs=3" in command
