@@ -82,8 +82,10 @@ def test_a_run_killed_after_an_epoch_and_resumed_ends_as_an_uninterrupted_one(tm
 
 def test_an_interrupted_run_says_how_to_continue_it(tmp_path):
     """Ctrl-C after the first epoch: the console names the exact command that continues the run."""
+    # as from a terminal: pytest-xdist's workers ignore SIGINT, and a child would inherit that
     process = subprocess.Popen([sys.executable, "src/train.py", f"paths.root_dir={tmp_path}", *TASK], cwd=ROOT,
-                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
         if list((tmp_path / "outputs" / "runs").glob("*/checkpoints/last.ckpt")):
