@@ -99,7 +99,10 @@ def test_an_interrupted_run_says_how_to_continue_it(tmp_path):
     command = next(line.strip() for line in output.splitlines() if line.strip().startswith("python src/train.py"))
     assert command.endswith(f"resume={folder}") and "trainer.max_epochs=3" in command
 
-    resumed = subprocess.run(command.split(), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    program, *arguments = command.split()  # "python": the one running these tests (CI puts no venv on PATH)
+    assert program == "python"
+    resumed = subprocess.run([sys.executable, *arguments], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                             timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (folder / "metrics.json").is_file() and only_folder(tmp_path) == folder
 
