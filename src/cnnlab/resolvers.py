@@ -50,18 +50,19 @@ def run_id() -> str:
             or f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}")
 
 
-def run_folder(resume, new: str) -> str:
-    """The run's folder: ``new`` for a new run; with ``resume=<run folder | a checkpoint in its
-    checkpoints/>``, that run's own folder, which the resumed run continues.
+def resumed_folder(resume) -> Path | None:
+    """The run folder ``resume`` continues: the folder itself, or the one whose checkpoints/ holds the
+    checkpoint; None for no resume, or a checkpoint from anywhere else (a new run starts from it)."""
+    path = Path(str(resume)).expanduser() if resume is not None else None
+    if path is not None and path.is_dir():
+        return path
+    return path.parent.parent if path is not None and path.is_file() and path.parent.name == "checkpoints" else None
 
-    A checkpoint from anywhere else starts a new run (in ``new``) from its weights and state.
-    """
-    if resume is None:
-        return new
-    path = Path(str(resume)).expanduser()
-    if path.is_dir():
-        return str(path)
-    return str(path.parent.parent) if path.is_file() and path.parent.name == "checkpoints" else new
+
+def run_folder(resume, new: str) -> str:
+    """The run's folder: the resumed run's own (``resumed_folder``), else ``new``."""
+    folder = resumed_folder(resume)
+    return new if folder is None else str(folder)
 
 
 def process_log(job_name: str) -> str:

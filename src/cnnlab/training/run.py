@@ -24,6 +24,7 @@ from ..data import ImageDataModule
 from ..data.datamodule import per_process_batch
 from ..errors import ConfigError
 from ..launch import is_first_process
+from ..resolvers import resumed_folder
 from .features import train_on_cached_features
 from .module import ImageClassifier
 from .trainer import launches_own_processes
@@ -56,7 +57,7 @@ def resume_point(resume: str | None) -> tuple[Path | None, str | None]:
         return None, None
     path = Path(resume).expanduser()
     checkpoint = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
-    if not (path.is_dir() or path.parent.name == "checkpoints"):
+    if resumed_folder(resume) is None:
         return checkpoint, None
     return checkpoint, torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("mlflow_run_id")
 
