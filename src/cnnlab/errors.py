@@ -11,9 +11,23 @@ from omegaconf.errors import MissingMandatoryValue
 class ConfigError(ValueError):
     """A config value or an input that cannot work, with a message saying what to change."""
 
+    exit_code = 2  # like a command-line usage error: nothing was done
+
+
+class RunFailed(RuntimeError):
+    """A run that started and could not go on (a non-finite loss, a full disk), said in one line.
+
+    What the run had finished is kept (its last whole checkpoint, its MLflow run marked FAILED).
+    """
+
+    exit_code = 1
+
+
+ONE_LINE = (ConfigError, RunFailed, MissingMandatoryValue)
+
 
 def one_line_errors(task):
-    """Wrap an entry point so that a ``ConfigError`` ends the program with its message alone.
+    """Wrap an entry point so that a ``ConfigError`` or ``RunFailed`` ends the program with its message alone.
 
     Hydra already reports its own config errors (a wrong option or key) this way; this does
     the same for the checks our code makes and for a required value left unset (``???``).
@@ -25,7 +39,7 @@ def one_line_errors(task):
             return task(*args, **kwargs)
         except Exception as error:
             cause = error
-            while cause is not None and not isinstance(cause, (ConfigError, MissingMandatoryValue)):
+            while cause is not None and not isinstance(cause, ONE_LINE):
                 cause = cause.__cause__  # hydra.utils.instantiate wraps what constructors raise
             if cause is None:
                 raise
@@ -33,6 +47,6 @@ def one_line_errors(task):
             if isinstance(cause, MissingMandatoryValue):
                 message += f" (give it on the command line: {cause.full_key}=...)"
             print(f"Error: {message}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(getattr(cause, "exit_code", 2))
 
     return wrapper

@@ -50,19 +50,75 @@ def run_id() -> str:
             or f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}")
 
 
-def resumed_folder(resume) -> Path | None:
-    """The run folder ``resume`` continues: the folder itself, or the one whose checkpoints/ holds the
-    checkpoint; None for no resume, or a checkpoint from anywhere else (a new run starts from it)."""
-    path = Path(str(resume)).expanduser() if resume is not None else None
-    if path is not None and path.is_dir():
+def resumed_folder(resume, config) -> Path | None:
+    """The run folder ``resume`` continues, or None: no resume, or a checkpoint from outside a run folder
+    (a new run starts from its state).
+
+    ``resume`` is a run folder; a checkpoint in a run folder's checkpoints/; ``runs:/<MLflow run id>``
+    (the folder that run recorded; the training restores its checkpoints from the store if the
+    folder is gone); or ``auto``: the latest unfinished run
+    under the runs folder whose config hashes like ``config`` (none: a new run).
+    """
+    if resume is None:
+        return None
+    resume = str(resume)
+    if resume == "auto":
+        return latest_unfinished_run(Path(str(config.paths.output_dir)) / "runs", config)
+    if resume.startswith("runs:/"):
+        return recorded_run_folder(resume.removeprefix("runs:/").strip("/"), config)
+    path = Path(resume).expanduser()
+    if path.is_dir():
         return path
-    return path.parent.parent if path is not None and path.is_file() and path.parent.name == "checkpoints" else None
+    return path.parent.parent if path.is_file() and path.parent.name == "checkpoints" else None
 
 
-def run_folder(resume, new: str) -> str:
-    """The run's folder: the resumed run's own (``resumed_folder``), else ``new``."""
-    folder = resumed_folder(resume)
-    return new if folder is None else str(folder)
+def latest_unfinished_run(runs: Path, config) -> Path | None:
+    """The newest run folder under ``runs`` with an epoch to continue from (checkpoints/last.ckpt), no
+    result yet (metrics.json, written when a training ends) and the config hash of ``config``."""
+    from .tracking import config_hash
+
+    wanted = config_hash(config)
+    candidates = [folder for folder in runs.glob("*") if (folder / "checkpoints" / "last.ckpt").is_file()
+                  and not (folder / "metrics.json").exists() and (folder / ".hydra" / "config.yaml").is_file()]
+    for folder in sorted(candidates, key=lambda f: (f / "checkpoints" / "last.ckpt").stat().st_mtime, reverse=True):
+        if config_hash(OmegaConf.load(folder / ".hydra" / "config.yaml")) == wanted:
+            return folder
+    return None
+
+
+def recorded_run_folder(run_id: str, config) -> Path | None:
+    """The run folder a training's MLflow run recorded (its ``cnnlab.run_folder`` tag), if it can be read.
+
+    Otherwise None, and the run continues in a new folder: a run that cannot be found is then
+    said in one line by the training (resolver errors would come with Hydra's traceback).
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import sqlite_uri
+
+    uri = config.tracking_uri or sqlite_uri(str(config.paths.mlflow_db))
+    try:
+        folder = MlflowClient(uri).get_run(run_id).data.tags.get("cnnlab.run_folder")
+    except MlflowException:
+        return None
+    return Path(folder) if folder else None
+
+
+_chosen: dict[tuple[str, str], str] = {}
+
+
+def run_folder(resume, new: str, *, _root_) -> str:
+    """The run's folder: the resumed run's own (``resumed_folder``), else ``new``.
+
+    Decided once per process: Hydra resolves its run folder more than once, and ``resume=auto``
+    must not find a different answer the second time (this run's own folder, say).
+    """
+    key = (str(resume), new)
+    if key not in _chosen:
+        folder = resumed_folder(resume, _root_)
+        _chosen[key] = new if folder is None else str(folder)
+    return _chosen[key]
 
 
 def process_log(job_name: str) -> str:

@@ -7,8 +7,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +36,7 @@ def use_store(tracking_uri: str | None, default_db: str | Path) -> str:
     ``runs:/<id>`` references (pretrained weights, checkpoints to evaluate) resolve against it.
     """
     uri = tracking_uri or sqlite_uri(default_db)
+    check_server(uri)
     chosen = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     # MLflow also exports the URI as MLFLOW_TRACKING_URI (for subprocesses). The config reads that variable
@@ -43,6 +47,24 @@ def use_store(tracking_uri: str | None, default_db: str | Path) -> str:
     else:
         os.environ["MLFLOW_TRACKING_URI"] = chosen
     return uri
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """A tracking server must answer within seconds, before any data is prepared or model trained.
+
+    MLflow's client retries an unreachable server with growing pauses for minutes, and only once
+    the run opens, after the data preparation; its error is pages long.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        pass  # it answered (a proxy in front of it may not know /health)
+    except (OSError, ValueError) as error:  # refused, no such host, timed out, a malformed URI
+        reason = getattr(error, "reason", None) or error
+        raise ConfigError(f"the MLflow tracking server {uri} does not answer ({reason}): start it, or leave "
+                          "tracking_uri and MLFLOW_TRACKING_URI unset for the local SQLite store") from None
 
 
 def run_artifact(reference: str, default_path: str = "best/best.ckpt") -> Path:
@@ -103,9 +125,35 @@ def prepare_store(db_path: str | Path, experiment_name: str, artifact_location: 
     db = Path(db_path).resolve()
     db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{db}.lock", timeout=300):
-        client = MlflowClient(sqlite_uri(db))
-        if client.get_experiment_by_name(experiment_name) is None:
-            client.create_experiment(experiment_name, artifact_location=artifact_location)
+        ensure_experiment(MlflowClient(sqlite_uri(db)), experiment_name, artifact_location)
+
+
+def prepare_server(tracking_uri: str, experiment_name: str) -> None:
+    """Create the experiment on a tracking server once, however many runs start at once.
+
+    What ``prepare_store`` does for the SQLite store, before the logger is made, without a lock (a
+    server's clients share no file). Lightning's logger, finding no experiment, creates it itself, and
+    every run that looked at the same moment but was not first fails with ``RESOURCE_ALREADY_EXISTS``
+    (trainings started at once on a new server, a parallel sweep with a new ``experiment=``).
+    """
+    from mlflow.tracking import MlflowClient
+
+    ensure_experiment(MlflowClient(tracking_uri), experiment_name)
+
+
+def ensure_experiment(client, name: str, artifact_location: str | None = None) -> str:
+    """The id of the experiment ``name``, created if there is none. Another process creating it at
+    the same moment is no error: its ``RESOURCE_ALREADY_EXISTS`` means the experiment is there."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException as error:
+        experiment = client.get_experiment_by_name(name) if error.error_code == "RESOURCE_ALREADY_EXISTS" else None
+        if experiment is None:
+            raise
+    return experiment.experiment_id
 
 
 class NoClient:
@@ -160,12 +208,16 @@ def run_tags(cfg, stage: str, command: str, extra: Mapping[str, str] | None = No
 
     ``cnnlab.stage`` (``stage``, unless the config's ``tags`` say otherwise, as the pipeline's
     pretraining does), ``cnnlab.command``, ``cnnlab.config_hash``, DVC's stage and experiment when
-    DVC runs it, ``extra`` (e.g. the runs an ensemble averages) and the config's ``tags``
+    DVC runs it, ``cnnlab.run_folder``, ``extra`` (e.g. the runs an ensemble averages) and the config's ``tags``
     (``+tags.cnnlab.member=a`` nests, and is tagged ``cnnlab.member``). The git commit comes with the logger.
     """
     from omegaconf import OmegaConf
 
+    from hydra.core.hydra_config import HydraConfig
+
     tags = {"cnnlab.stage": stage, "cnnlab.command": command, "cnnlab.config_hash": config_hash(cfg)}
+    if HydraConfig.initialized():  # where its files are; resume=runs:/<id> continues a training there
+        tags["cnnlab.run_folder"] = str(HydraConfig.get().runtime.output_dir)
     tags.update({tag: os.environ[name] for name, tag in DVC_TAGS.items() if os.environ.get(name)})
     tags.update(extra or {})
     configured = cfg.get("tags")
@@ -176,24 +228,33 @@ def run_tags(cfg, stage: str, command: str, extra: Mapping[str, str] | None = No
 
 
 def config_hash(cfg) -> str:
-    """sha256 of the resolved config, less where its results go and what it is called (``NOT_HASHED``).
+    """sha256 of the config, less where its results go and what it is called (``NOT_HASHED``).
 
-    The folders of ``paths`` are resolved as placeholders (so a data root under them is too), and the
-    run folder and the project folder are written as placeholders: the same work has the same hash in
-    any run folder and any copy of the project (a clone, DVC's experiment folders).
+    The same work has the same hash in any run folder and any copy of the project (a clone, DVC's
+    experiment folders): the folders of ``paths`` and the run folder are hashed as placeholders,
+    and the project folder is written as one. It needs nothing of Hydra's running state, so a
+    config saved in a run folder (``.hydra/config.yaml``) hashes as it did in its run
+    (``resume=auto`` compares them).
     """
-    from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    config = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    for key in config.get("paths") or {}:
-        config.paths[key] = f"<paths.{key}>"
-    resolved = OmegaConf.to_container(config, resolve=True)
-    text = json.dumps({k: v for k, v in resolved.items() if k not in NOT_HASHED}, sort_keys=True, default=str)
-    if HydraConfig.initialized():  # the folder as the config resolves it (absolute in a run)
-        text = text.replace(str(HydraConfig.get().runtime.output_dir), "<run folder>")
+    config = OmegaConf.to_container(cfg, resolve=False)
+    kept = {key: value for key, value in config.items() if key == "paths" or key not in (*NOT_HASHED, "hydra")}
+    kept["paths"] = {key: f"<paths.{key}>" for key in config.get("paths") or {}}
+    kept = replace_in_strings(kept, "${hydra:runtime.output_dir}", "<run folder>")
+    resolved = OmegaConf.to_container(OmegaConf.create(kept), resolve=True)
+    text = json.dumps({k: v for k, v in resolved.items() if k != "paths"}, sort_keys=True, default=str)
     text = text.replace(str(Path.cwd().resolve()), "<project>")
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def replace_in_strings(value, old: str, new: str):
+    """``value`` (plain dicts, lists and scalars) with ``old`` replaced by ``new`` in every string."""
+    if isinstance(value, dict):
+        return {key: replace_in_strings(item, old, new) for key, item in value.items()}
+    if isinstance(value, list):
+        return [replace_in_strings(item, old, new) for item in value]
+    return value.replace(old, new) if isinstance(value, str) else value
 
 
 def log_data(logger: MLFlowLogger, cache) -> None:
@@ -218,12 +279,13 @@ def flatten(config: Mapping, prefix: str = "") -> dict[str, object]:
 
 
 def ui_command(tracking_uri: str) -> str:
-    """The exact shell command that opens the MLflow UI on this store."""
+    """The exact shell command that opens the MLflow UI on this store, for this machine only (the UI
+    has no login: whoever reaches its port can read and delete runs)."""
     if not tracking_uri.startswith("sqlite:"):
         return f"open {tracking_uri} in a browser"
     mlflow = Path(sys.executable).parent / "mlflow"
     executable = str(mlflow) if mlflow.exists() else (shutil.which("mlflow") or "mlflow")
-    return f"{executable} ui --backend-store-uri {tracking_uri} --port 5000"
+    return f"{executable} ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
 
 
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
@@ -231,17 +293,69 @@ def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
+def command_line() -> str:
+    """The command that reproduces this job (for a sweep: this job's overrides, not the sweep's)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else sys.argv[1:]
+    return " ".join(["python", str(relative(Path(sys.argv[0]))), *overrides])
+
+
+def relative(path: Path) -> Path:
+    return path.relative_to(Path.cwd()) if path.is_absolute() and path.is_relative_to(Path.cwd()) else path
+
+
 @contextmanager
-def finished(logger: MLFlowLogger | None) -> Iterator[MLFlowLogger | None]:
-    """Close the logger's run when the block ends: FAILED if it raised, FINISHED otherwise (None: nothing)."""
+def tracked_run(cfg, stage: str, *, tags: Mapping[str, str] | None = None,
+                **logger_options) -> Iterator[MLFlowLogger | None]:
+    """The MLflow run of one entry script (train, evaluate, ensemble, report, prepare), from open to close.
+
+    Opened with the script's tags (``run_tags``), it ends FINISHED when the block ends, KILLED when
+    the user stopped it (Ctrl-C, SIGTERM: Lightning turns either into ``SystemExit`` after its
+    graceful shutdown), FAILED on any error; then it says how to open it. ``logger_options`` go to
+    the logger (``run_id`` continues a run, ``log_model=False`` for scripts without checkpoints).
+    Yields None when the config has no logger (``logger=none``).
+    """
+    logger = instantiate_logger(cfg, stage, tags, logger_options)
+    with stop_signals_as_ctrl_c():
+        try:
+            yield logger
+        except (KeyboardInterrupt, SystemExit):
+            close(logger, "KILLED")
+            raise
+        except BaseException:
+            close(logger, "FAILED")
+            raise
+    close(logger, "FINISHED")
+    log_how_to_open(logger)
+
+
+def instantiate_logger(cfg, stage: str, tags: Mapping[str, str] | None, options: Mapping) -> MLFlowLogger | None:
+    from hydra.utils import instantiate
+
+    if not cfg.get("logger"):
+        return None
+    return instantiate(cfg.logger, tags=run_tags(cfg, stage, command_line(), tags), **options)
+
+
+def close(logger: Logger | None, status: str) -> None:
+    """End the run as ``status`` (FINISHED, FAILED or KILLED); its checkpoints are logged first."""
+    if isinstance(logger, MLFlowLogger):
+        logger.finalize(status)
+
+
+@contextmanager
+def stop_signals_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (what `timeout`, `docker stop`, SLURM's pre-emption and a closed terminal send) stops a script
+    the way Ctrl-C does: a training shuts down gracefully and logs its checkpoints; the run is marked KILLED."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        yield logger
-    except BaseException:
-        if logger is not None:
-            logger.finalize("failed")
-        raise
-    if logger is not None:
-        logger.finalize("success")
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def log_files(logger: MLFlowLogger, files: Iterable[Path]) -> None:
@@ -255,3 +369,13 @@ def log_how_to_open(logger: MLFlowLogger | None) -> None:
         uri = logger.experiment.tracking_uri
         log.info(f"MLflow run {logger.run_id}. Open the UI with:\n  {ui_command(uri)}\n"
                  f"then {run_url(uri, logger.experiment_id, logger.run_id)}")
+
+
+@contextmanager
+def finished(logger):  # TEMPORARY until evaluate/ensemble/report move to tracked_run
+    try:
+        yield logger
+    except BaseException:
+        close(logger, "FAILED")
+        raise
+    close(logger, "FINISHED")

@@ -1,9 +1,10 @@
 """Callbacks every run has: checkpoints whose last.ckpt is truly the last epoch, the random generators in
-every checkpoint, and a log line per epoch."""
+every checkpoint, a log line per epoch, and a stop at the first non-finite loss."""
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 
@@ -12,6 +13,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+
+from ..errors import RunFailed
 
 log = logging.getLogger(__name__)
 
@@ -84,3 +87,62 @@ class EpochLog(pl.Callback):
         lr = f"lr {learning_rate:.3g}, " if learning_rate is not None else ""
         log.info(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {' | '.join(parts)} "
                  f"({lr}{time.perf_counter() - self.started:.1f} s)")
+
+
+class NonFiniteLoss(RunFailed):
+    """The training loss became NaN or infinite."""
+
+
+class StopOnNonFiniteLoss(pl.Callback):
+    """Stops training at the first NaN or infinite training loss, before that epoch's checkpoints are
+    written, so ``last.ckpt`` stays the last good epoch and the run ends FAILED with one line.
+
+    Reading each step's loss at once would make every step wait for the GPU. Each step instead
+    queues a copy of its loss to the host and goes on; copies are read once they have arrived, and
+    all of them before the epoch's validation (after which the checkpoints are written).
+    """
+
+    def __init__(self):
+        self.pending: list[tuple[int, int, int, torch.Tensor, torch.cuda.Event | None]] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        value = loss.detach().float().to("cpu", non_blocking=True)
+        arrived = None
+        if loss.is_cuda:
+            arrived = torch.cuda.Event()
+            arrived.record()
+        self.pending.append((trainer.current_epoch, trainer.global_step, batch_idx, value, arrived))
+        self._check(trainer, wait=False)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check(trainer, wait=True)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check(trainer, wait=True)
+
+    def _check(self, trainer: pl.Trainer, wait: bool) -> None:
+        while self.pending:
+            epoch, step, batch_idx, value, arrived = self.pending[0]
+            if arrived is not None and not wait and not arrived.query():
+                return  # not on the host yet: looked at again after a later step
+            if arrived is not None:
+                arrived.synchronize()
+            self.pending.pop(0)
+            if not math.isfinite(value.item()):
+                self.pending.clear()
+                raise NonFiniteLoss(f"the training loss became {value.item()} at epoch {epoch + 1}, step {step} "
+                                    f"(batch {batch_idx + 1} of the epoch); training stopped. {last_good(trainer)} "
+                                    "A lower optimizer.lr or gradient clipping (trainer.gradient_clip_val=1.0) "
+                                    "usually helps")
+
+
+def last_good(trainer: pl.Trainer) -> str:
+    """Where the last good state is: the last checkpoint written, if an epoch ended before."""
+    path = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+    if not path:
+        return "No epoch had finished, so there is no checkpoint."
+    return f"The last good checkpoint is {path} (the end of epoch {trainer.current_epoch})."

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
+import shutil
 import signal
+import subprocess
 import sys
 import warnings
 from contextlib import contextmanager
@@ -17,29 +20,19 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.loggers import MLFlowLogger
 
 from .. import tracking
+from ..tracking import command_line, relative  # noqa: F401 (evaluate, ensemble, report import them from here)
 from ..data import ImageDataModule
 from ..data.datamodule import per_process_batch
 from ..errors import ConfigError
 from ..launch import is_first_process
-from ..resolvers import resumed_folder
+from .callbacks import NonFiniteLoss
 from .features import train_on_cached_features
 from .module import ImageClassifier
 from .trainer import launches_own_processes
 
 log = logging.getLogger(__name__)
-
-
-def command_line() -> str:
-    """The command that reproduces this job (for a sweep: this job's overrides, not the sweep's)."""
-    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else sys.argv[1:]
-    return " ".join(["python", str(relative(Path(sys.argv[0]))), *overrides])
-
-
-def relative(path: Path) -> Path:
-    return path.relative_to(Path.cwd()) if path.is_absolute() and path.is_relative_to(Path.cwd()) else path
 
 
 def continue_command(folder: Path) -> str:
@@ -49,17 +42,44 @@ def continue_command(folder: Path) -> str:
     return " ".join(shlex.quote(word) for word in words)
 
 
-def resume_point(resume: str | None) -> tuple[Path | None, str | None]:
-    """The checkpoint a run continues from (``resume``: a run folder's checkpoints/last.ckpt, or a
-    checkpoint file), and the MLflow run to continue: the checkpoint's own, when the run goes on in
-    the checkpoint's folder (config.yaml's ``run_folder`` resolver decides), else none (a new run)."""
+def resume_point(resume: str | None, folder: Path | None) -> tuple[Path | None, str | None]:
+    """The checkpoint a run in ``folder`` continues from, and the MLflow run it continues.
+
+    The config's ``run_folder`` resolver has chosen ``folder`` (resolvers.resumed_folder): for a
+    resumed run it is the checkpoint's own folder, and the run goes on in the checkpoint's MLflow
+    run; a checkpoint from anywhere else starts a new run from its state.
+    """
     if resume is None:
         return None, None
-    path = Path(resume).expanduser()
-    checkpoint = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
-    if resumed_folder(resume) is None:
+    resume = str(resume)
+    if resume == "auto" or resume.startswith("runs:/"):
+        checkpoint = folder / "checkpoints" / "last.ckpt"
+        if resume.startswith("runs:/") and not checkpoint.is_file():
+            restore_checkpoints(resume, checkpoint.parent)
+        if not checkpoint.is_file():
+            log.info("resume=auto: no unfinished run with this config; starting a new one")
+            return None, None
+    else:
+        path = Path(resume).expanduser()
+        checkpoint = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
+    if folder is None or checkpoint.resolve().parent.parent != folder.resolve():
         return checkpoint, None
+    if is_first_process():
+        log.info(f"Continuing the run in {relative(folder)} from {checkpoint.name}")
     return checkpoint, torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("mlflow_run_id")
+
+
+def restore_checkpoints(run: str, folder: Path) -> None:
+    """The last and best checkpoints of a tracked ``run`` (``runs:/<id>``), from the store into ``folder``:
+    its run folder is gone (another machine, a cleaned disk), the run goes on from the store's copies."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("last", "best"):  # the test after the last epoch wants the best one
+        shutil.copyfile(tracking.run_artifact(run, f"{name}/{name}.ckpt"), folder / f"{name}.ckpt")
+
+
+def run_folder() -> Path | None:
+    """This run's folder (Hydra's output folder), or None outside a Hydra run."""
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
 
 
 def _plain(node):
@@ -120,72 +140,89 @@ def train(cfg: DictConfig) -> float:
     """Train, checkpoint, test and track one model; returns the test accuracy (a sweep's objective)."""
     quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True)
-    tracking.use_store(cfg.tracking_uri, cfg.paths.mlflow_db)  # where runs:/ references resolve
+    tracking.use_store(cfg.tracking_uri, cfg.paths.mlflow_db)  # a server must answer before any work
+    checkpoint, mlflow_run = resume_point(cfg.resume, run_folder())
     datamodule, module = build(cfg)
     freeze = instantiate(cfg.freeze)
     callbacks = [freeze, *(c for c in instantiate(cfg.callbacks).values() if c is not None)]
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=False, callbacks=callbacks, **progress_bar(cfg.trainer))
-    check_processes(trainer, datamodule)  # before the logger: a refused run leaves no MLflow run behind
-    checkpoint, mlflow_run = resume_point(cfg.resume)
-    logger = instantiate(cfg.logger, tags=tracking.run_tags(cfg, "train", command_line()),
-                         run_id=mlflow_run) if cfg.logger else None
-    trainer.logger = logger
-    if is_first_process():
-        log_summary(cfg, datamodule)
-    if logger is not None and mlflow_run is None:  # a continued run has its params and config already
-        logger.log_hyperparams(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
-        logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        tracking.log_data(logger, datamodule.cache)
-    if freeze.cache_features:
-        datamodule = train_on_cached_features(datamodule, module, Path(cfg.paths.data_dir) / "features")
-
-    try:
-        with stop_signals_as_ctrl_c():
+    check_processes(trainer, datamodule)  # before the MLflow run: a refused run leaves none behind
+    with tracking.tracked_run(cfg, "train", run_id=mlflow_run) as logger:
+        trainer.logger = logger
+        if is_first_process():
+            log_summary(cfg, datamodule)
+        if logger is not None and mlflow_run is None:  # a continued run has its params and config already
+            logger.log_hyperparams(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
+            logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+            tracking.log_data(logger, datamodule.cache)
+        if freeze.cache_features:
+            datamodule = train_on_cached_features(datamodule, module, Path(cfg.paths.data_dir) / "features")
+        with said_how_to_continue(), requeued_by_slurm():
             trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
-    except SystemExit:  # Lightning's graceful shutdown after Ctrl-C or SIGTERM: the user stopped the run
-        if isinstance(logger, MLFlowLogger):
-            logger.experiment.set_terminated(logger.run_id, "KILLED")
-        say_how_to_continue()
-        raise
-    except BaseException:
-        say_how_to_continue()
-        raise
-    results = trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
-    if trainer.is_global_zero:  # one summary per run, however many processes train it
-        if HydraConfig.initialized():  # the run folder's summary, also what DVC reads as the stage's metrics
-            metrics_file = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
-            metrics_file.write_text(json.dumps(results, indent=2, sort_keys=True))
-        report(results, trainer, logger)
+        results = trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
+        if trainer.is_global_zero:  # one summary per run, however many processes train it
+            if run_folder() is not None:  # the run's summary, also what DVC reads as the stage's metrics
+                (run_folder() / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+            report(results, trainer)
     return results["test/acc"]
 
 
 @contextmanager
-def stop_signals_as_ctrl_c():
-    """SIGTERM (what `timeout`, `docker stop`, SLURM's pre-emption and a closed terminal send) stops a run the
-    way Ctrl-C does: Lightning shuts down gracefully and logs the checkpoints; the run is marked KILLED."""
-    def stop(signum, frame):
+def said_how_to_continue():
+    """When training stops early, the command that continues it (not after a non-finite loss: the same
+    run would diverge again from the same state)."""
+    try:
+        yield
+    except NonFiniteLoss:
+        raise
+    except BaseException:
+        say_how_to_continue()
+        raise
+
+
+@contextmanager
+def requeued_by_slurm():
+    """A SLURM job about to reach its time limit is requeued, and stops as it would on Ctrl-C.
+
+    With ``#SBATCH --signal=SIGUSR1@90`` SLURM sends SIGUSR1 90 s before the limit: the first process
+    asks SLURM to requeue the job (``scontrol requeue``), then every process stops gracefully. The
+    requeued job runs the same command, whose ``resume=auto`` continues this run from the end of its
+    last completed epoch. (Lightning's own requeue saves a mid-epoch checkpoint in the working folder
+    and marks the MLflow run FINISHED; a resume from the middle of an epoch would not draw the data an
+    uninterrupted run draws.)
+    """
+    job = os.environ.get("SLURM_JOB_ID")
+    if job is None:
+        yield
+        return
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+
+    def requeue(signum, frame):
+        if is_first_process():
+            log.warning(f"SLURM's time limit is near: requeueing job {job} (scontrol requeue {job})")
+            subprocess.run(["scontrol", "requeue", job], check=False)
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGUSR1, requeue)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def say_how_to_continue() -> None:
     """After a run stopped early: the command that continues it, if an epoch finished (its last.ckpt)."""
     if not (is_first_process() and HydraConfig.initialized()):
         return
-    folder = Path(HydraConfig.get().runtime.output_dir)
+    folder = run_folder()
     if (folder / "checkpoints" / "last.ckpt").is_file():
         log.error(f"The run stopped before its last epoch. Continue it, in the same folder and MLflow run, with:\n"
                   f"  {continue_command(folder)}")
 
 
-def report(results: dict, trainer: pl.Trainer, logger: MLFlowLogger | None) -> None:
+def report(results: dict, trainer: pl.Trainer) -> None:
     summary = ", ".join(f"{name.removeprefix('test/')} {value:.4f}" for name, value in sorted(results.items())
                         if name != "test/images")
     log.info(f"\nTest accuracy: {results['test/acc']:.4f} on {results['test/images']:.0f} images  ({summary})")
     log.info(f"Best checkpoint: {trainer.checkpoint_callback.best_model_path}")
-    tracking.log_how_to_open(logger)

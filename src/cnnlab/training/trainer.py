@@ -3,7 +3,9 @@ Lightning leaves to the model: channels-last memory and ``torch.compile``."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import torch
 from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
-from ..errors import ConfigError
+from ..errors import ConfigError, RunFailed
 
 
 class ChannelsLastAndCompile(pl.Callback):
@@ -43,8 +45,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = Path(path)
         partial = path.with_name(f".{path.name}.partial")
-        super().save_checkpoint(checkpoint, partial, storage_options)
+        try:
+            super().save_checkpoint(checkpoint, partial, storage_options)
+        except (OSError, RuntimeError) as error:
+            free = shutil.disk_usage(path.parent).free  # measured before the partial file is removed
+            partial.unlink(missing_ok=True)
+            if free < DISK_NEARLY_FULL or getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+                raise RunFailed(f"no space left on the disk of {path.parent} ({free / 2**20:.1f} MiB free) while "
+                                f"writing {path.name}; the run's last whole checkpoint is kept. Free some space "
+                                "(or set paths.output_dir to another disk) and continue the run") from error
+            raise
         os.replace(partial, path)
+
+
+# torch reports a full disk as "unexpected pos 576 vs 534", no errno: a failed write that leaves
+# less than this free is taken for a full disk
+DISK_NEARLY_FULL = 16 * 2**20
 
 
 def build_trainer(*, channels_last: bool = False, compile: bool = False, sync_batchnorm: bool = False,
