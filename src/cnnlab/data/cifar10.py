@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from .cache import ImageCache, is_prepared, settings_hash, write_cache
+from .cache import ImageCache, build_once, exclusive, settings_hash, write_cache
 from .imagefolder import stratified_split
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -91,18 +91,27 @@ class Cifar10Source:
         self.settings = {"source": "cifar10-v1", "val_size": val_size, "seed": seed}
 
     def prepare(self) -> ImageCache:
-        if not self.archive.is_file():
-            if not self.download:
-                raise ConfigError(f"CIFAR-10 tarball not found: {self.archive} (or set data.source.download=true)")
-            download(self.url, self.archive, self.md5)
+        self._fetch()
         stat = self.archive.stat()
         key = settings_hash({**self.settings, "archive": [str(self.archive.resolve()), stat.st_size, stat.st_mtime_ns]})
         cache_dir = self.cache_root / f"cifar10-{key}"
-        if not is_prepared(cache_dir):
-            classes, splits = read_archive(self.archive)
-            images, labels = splits["train"]
-            split = stratified_split(labels, self.settings["val_size"] / len(labels), 0.0, self.settings["seed"])
-            splits = {"train": (images[split == "train"], labels[split == "train"]),
-                      "val": (images[split == "val"], labels[split == "val"]), "test": splits["test"]}
-            write_cache(cache_dir, splits, {"classes": classes, "source": {**self.settings, "archive": str(self.archive)}})
-        return ImageCache(cache_dir)
+        return ImageCache(build_once(cache_dir, lambda: self._write(cache_dir)))
+
+    def _fetch(self) -> None:
+        """Download the tarball unless it is there. Under a lock: two processes downloading at once wrote
+        into one partial file, and the second to finish found it renamed away."""
+        if self.archive.is_file():
+            return
+        if not self.download:
+            raise ConfigError(f"CIFAR-10 tarball not found: {self.archive} (or set data.source.download=true)")
+        with exclusive(self.archive):
+            if not self.archive.is_file():  # not fetched by the process this one waited for
+                download(self.url, self.archive, self.md5)
+
+    def _write(self, cache_dir: Path) -> None:
+        classes, splits = read_archive(self.archive)
+        images, labels = splits["train"]
+        split = stratified_split(labels, self.settings["val_size"] / len(labels), 0.0, self.settings["seed"])
+        splits = {"train": (images[split == "train"], labels[split == "train"]),
+                  "val": (images[split == "val"], labels[split == "val"]), "test": splits["test"]}
+        write_cache(cache_dir, splits, {"classes": classes, "source": {**self.settings, "archive": str(self.archive)}})

@@ -17,7 +17,9 @@ split folder, and reading split folders as classes teaches the model "which fold
 Every image is decoded once, into the shared uint8 cache (cache.py): EXIF orientation applied,
 any mode (grayscale, RGBA, palette, 16-bit, CMYK) converted to RGB, the short side resized to
 ``stored_size`` and centre-cropped. Unreadable files are all collected and reported together;
-with ``skip_bad_images`` they are left out, logged, and listed in the cache's manifest.
+with ``skip_bad_images`` they are left out, logged, and listed in the cache's manifest. Unreadable
+includes a file whose header claims more than ``MAX_PIXELS`` (refused before it is decoded), one
+this process may not read, and a link to nothing or a loop of links.
 
 Decoding runs in ``workers`` processes (default: one per core, at most 16), each decoding chunks
 of files with the one function ``decode``; the parent writes every image at its place, in file
@@ -33,6 +35,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -45,13 +48,18 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from .cache import META_FILE, SPLITS, ImageCache, is_prepared, settings_hash, staged
+from .cache import META_FILE, SPLITS, ImageCache, build_once, settings_hash, staged
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 # What Pillow raises for empty, truncated, corrupt or non-image files (anything else is a bug and raises).
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# The most pixels a file may decode to: Pillow's own "could be a decompression bomb" threshold (89.5
+# megapixels, a 9,459 px square). Pillow only warns up to twice that, and a 420 kB PNG of 12,000 x
+# 12,000 px took 1.6 GB to decode (per decoding process). A JPEG is measured at the reduced scale
+# ``draft`` decodes it at, so a large photo passes; its header may claim up to twice as many.
+MAX_PIXELS = 89_478_485
 # Split folder names as datasets ship them (lower case) and the split each one is.
 SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                  "test": "test", "testing": "test"}
@@ -139,11 +147,33 @@ def class_files(tree: Path) -> dict[str, list[Path]]:
     """{class: files} for the class folders in ``tree``; files in sub-folders belong to their class folder."""
     found = {}
     for class_dir in _subfolders(tree):
-        files = sorted(f for f in class_dir.rglob("*") if f.suffix.lower() in EXTENSIONS and f.is_file())
+        files = _image_files(class_dir)
         if not files:
             raise ConfigError(f"no images ({', '.join(sorted(EXTENSIONS))}) in class folder {class_dir}")
         found[class_dir.name] = files
     return found
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The files with an image extension in ``folder`` and its sub-folders, sorted.
+
+    Links to folders are not followed, so a link loop (a/b -> a) ends. A link to a file that is gone,
+    or a loop of file links, is kept, to be reported as unreadable rather than dropped in silence;
+    so is a sub-folder that cannot be listed (rglob skipped it and the images in it without a word).
+    """
+    def refuse(error: OSError):
+        raise ConfigError(f"cannot list {error.filename} ({error.strerror}): "
+                          "give this user read access to it, or move it out of the image folder")
+
+    files = []
+    for parent, _, names in os.walk(folder, onerror=refuse):  # followlinks=False
+        files += [Path(parent, name) for name in names if Path(name).suffix.lower() in EXTENSIONS]
+    return sorted(f for f in files if f.is_file() or _dangling(f))
+
+
+def _dangling(path: Path) -> bool:
+    """A link whose target is missing or is a loop of links."""
+    return path.is_symlink() and not path.exists()
 
 
 def check_same_classes(root: Path, layout: Layout, found: dict[str, dict[str, list[Path]]]) -> None:
@@ -172,24 +202,37 @@ def find_images(root: Path) -> tuple[Layout, dict[str, dict[str, list[Path]]]]:
 
 def load_rgb(path: Path, stored_size: int) -> np.ndarray:
     """Decode one file into a (stored_size, stored_size, 3) uint8 array."""
-    with Image.open(path) as image:
+    with warnings.catch_warnings():  # Pillow's warning about a large image: the checks below decide
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        opened = Image.open(path)
+    with opened as image:
+        # Sizes known from the header, checked before anything is decoded. Pillow refuses twice its limit
+        # itself, unless a library turned the limit off (Image.MAX_IMAGE_PIXELS = None): checked here too.
+        _refuse_bombs(image, 2 * MAX_PIXELS)
         image.draft(image.mode, (2 * stored_size, 2 * stored_size))  # JPEG: decode large images at reduced scale
+        _refuse_bombs(image, MAX_PIXELS)
         image = ImageOps.exif_transpose(image)
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale to 8 bits
-            array = np.asarray(image, dtype=np.float64)
+            array = np.clip(np.asarray(image, dtype=np.float64), 0, None)  # 32-bit may be negative: black
             image = Image.fromarray((255 * array / max(array.max(), 1)).astype(np.uint8))
         image = image.convert("RGB")
         return np.asarray(ImageOps.fit(image, (stored_size, stored_size), Image.Resampling.BILINEAR))
+
+
+def _refuse_bombs(image: Image.Image, limit: int) -> None:
+    if image.width * image.height > limit:
+        raise Image.DecompressionBombError(
+            f"{image.width} x {image.height} px is more than the {limit:,} pixels an image may have "
+            "(a decompression bomb, or a scan to downscale first)")
 
 
 def decode(path: Path, stored_size: int) -> tuple[np.ndarray | None, str]:
     """One file, as every ingest decodes it: (its pixels, the SHA-256 of its bytes), or (None, the
     error in one line) when Pillow cannot read it."""
     try:
-        pixels = load_rgb(path, stored_size)
+        return load_rgb(path, stored_size), _sha256(path)
     except UNREADABLE as error:
         return None, f"{type(error).__name__}: {error}".splitlines()[0]
-    return pixels, _sha256(path)
 
 
 def _decode_files(paths: Sequence[Path], stored_size: int) -> list[tuple[np.ndarray | None, str]]:
@@ -274,12 +317,10 @@ class ImageFolderSource:
         layout, rows = self._listing()
         # Any added, removed or rewritten file changes the key, and so gives a new cache; so does the
         # layout, which decides the splits (caches read before layouts were told apart are never reused).
-        stats = [(rel, f.stat().st_size, f.stat().st_mtime_ns) for _, _, rel, f in rows]
+        stats = [(rel, *_size_and_time(f)) for _, _, rel, f in rows]
         key = settings_hash({**self.settings, "layout": layout.name, "files": stats})
         cache_dir = self.cache_root / f"imagefolder-{key}"
-        if not is_prepared(cache_dir):
-            self._ingest(layout, rows, cache_dir)
-        cache = ImageCache(cache_dir)
+        cache = ImageCache(build_once(cache_dir, lambda: self._ingest(layout, rows, cache_dir)))
         if self._reported != cache_dir:
             self._report(layout, cache)
             self._reported = cache_dir
@@ -376,6 +417,15 @@ def _regroup(folder: Path, images: dict, planned: np.ndarray, place: np.ndarray,
         del images[split]
         (folder / f"{split}_images.regrouped.npy").replace(folder / f"{split}_images.npy")
     return final
+
+
+def _size_and_time(path: Path) -> tuple[int, int]:
+    """What tells a changed file: its target's size and time, or the link's own when it has no target."""
+    try:
+        stat = path.stat()
+    except OSError:  # a dangling link or a loop of links: reported as unreadable when decoded
+        stat = path.lstat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _sha256(path: Path) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import shapes
-from .cache import SPLITS, ImageCache, is_prepared, settings_hash, write_cache
+from .cache import SPLITS, ImageCache, build_once, settings_hash, write_cache
 
 
 class ShapesSource:
@@ -27,16 +27,17 @@ class ShapesSource:
         return self.root / f"shapes-{settings_hash(self.settings)}"
 
     def prepare(self) -> ImageCache:
-        if not is_prepared(self.cache_dir):
-            s = self.settings
-            splits = {}
-            with tqdm(total=sum(s["sizes"].values()), desc="Generating shapes", unit="img") as progress:
-                # Each split has its own seed so that changing one split's size leaves the others as they were.
-                for offset, (split, size) in enumerate(s["sizes"].items()):
-                    splits[split] = shapes.generate_split(size, s["classes"], s["image_size"],
-                                                          seed=s["seed"] * 1000 + offset, progress=progress)
-            write_cache(self.cache_dir, splits, {"classes": s["classes"], "source": s})
-        return ImageCache(self.cache_dir)
+        return ImageCache(build_once(self.cache_dir, self._generate))
+
+    def _generate(self) -> None:
+        s = self.settings
+        splits = {}
+        with tqdm(total=sum(s["sizes"].values()), desc="Generating shapes", unit="img") as progress:
+            # Each split has its own seed so that changing one split's size leaves the others as they were.
+            for offset, (split, size) in enumerate(s["sizes"].items()):
+                splits[split] = shapes.generate_split(size, s["classes"], s["image_size"],
+                                                      seed=s["seed"] * 1000 + offset, progress=progress)
+        write_cache(self.cache_dir, splits, {"classes": s["classes"], "source": s})
 
 
 def prepare_and_report(source) -> ImageCache:
