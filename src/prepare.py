@@ -1,7 +1,6 @@
 """Prepare a dataset's cache once, ahead of training: ``python src/prepare.py data=...``."""
 
 import hydra
-from hydra.utils import instantiate
 
 from cnnlab import schema
 from cnnlab.cli import resolve_printed_config
@@ -13,8 +12,8 @@ from cnnlab.errors import one_line_errors
 def main(cfg) -> None:
     schema.validate(cfg, schema.Prepare)
     # imported once the values passed: a refused one is told in a second, not after torch loads
-    from cnnlab.data.sources import prepare_and_report
-    prepare_and_report(instantiate(cfg.data.source))
+    from cnnlab.data.sources import prepare
+    prepare(cfg)
 
 
 if __name__ == "__main__":

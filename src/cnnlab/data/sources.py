@@ -40,6 +40,22 @@ class ShapesSource:
         write_cache(self.cache_dir, splits, {"classes": s["classes"], "source": s})
 
 
+def prepare(cfg) -> ImageCache:
+    """``python src/prepare.py``: prepare the configured data's cache, as a tracked run (stage ``prepare``:
+    which cache, how many images per split, the files left out)."""
+    from hydra.utils import instantiate
+
+    from .. import tracking
+
+    tracking.use_store(cfg.tracking_uri, cfg.paths.mlflow_db)  # a server must answer before any work
+    with tracking.tracked_run(cfg, "prepare", log_model=False) as logger:
+        cache = prepare_and_report(instantiate(cfg.data.source))
+        if logger is not None:
+            tracking.log_data(logger, cache)
+            logger.log_metrics({f"images/{split}": len(cache.split(split).labels) for split in SPLITS})
+    return cache
+
+
 def prepare_and_report(source) -> ImageCache:
     """Prepare a source's cache (a no-op when it is up to date) and say where it is and what it holds."""
     cache = source.prepare()
