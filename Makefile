@@ -26,8 +26,11 @@ test: setup  # two processes, each file in one of them (module fixtures run once
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
+# This machine only: the UI has no login. `make ui UI_HOST=0.0.0.0` serves other machines too.
+# Set with := so only the command line overrides it, not an environment variable (zsh exports HOST).
+UI_HOST := 127.0.0.1
 ui: setup
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host $(UI_HOST) --port 5000
 
 # params.yaml from conf/pipeline.yaml, for `dvc repro` after an edit there (`dvc exp run` composes it itself).
 params: setup

@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,75 @@ def compose():
             return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
     return _compose
+
+
+# Checkpoints hold plain values only ---------------------------------------------------------------
+# Lightning reads checkpoints with torch's default, weights_only=True, and so does cnnlab.checkpoints:
+# a checkpoint holding anything else (a class, a function) would be refused when it is read back.
+# After each test, every checkpoint in the temporary folders its module made (its fixtures' and
+# its tests') is scanned for the globals weights_only would refuse. A file is read once per change.
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
+_scanned: dict[str, tuple[int, int]] = {}  # path -> (mtime_ns, size) when it was scanned
+_scan_seconds = [0.0]                      # the scan's own cost, said at the end
+_WORKER_SCANS = pytest.StashKey[list]()    # pytest-xdist: each worker's (count, seconds), on the controller
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _folders_before_module(tmp_path_factory):
+    """The temporary folders that existed before this module: every other one is its own."""
+    return set(tmp_path_factory.getbasetemp().iterdir())
+
+
+@pytest.fixture(autouse=True)
+def _checkpoints_hold_plain_values(_folders_before_module, tmp_path_factory):
+    yield
+    start = time.perf_counter()
+    new = set(tmp_path_factory.getbasetemp().iterdir()) - _folders_before_module
+    problems = [f"{path}: would import {', '.join(found)}"
+                for folder in new if not folder.is_symlink()  # pytest links <name>current to <name>N
+                for path, found in unsafe_checkpoints(folder)]
+    _scan_seconds[0] += time.perf_counter() - start
+    if problems:
+        pytest.fail("checkpoints must hold only tensors and plain values (weights_only=True reads them): "
+                    + "; ".join(problems), pytrace=False)
+
+
+def unsafe_checkpoints(folder: Path):
+    """(path, globals) for each checkpoint under ``folder`` that weights_only=True would refuse."""
+    import zipfile
+
+    for directory, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(directory, name)
+            if not name.endswith(CHECKPOINT_SUFFIXES) or not os.path.isfile(path):
+                continue
+            stat = os.stat(path)
+            if _scanned.get(path) == (stat.st_mtime_ns, stat.st_size):
+                continue
+            _scanned[path] = (stat.st_mtime_ns, stat.st_size)
+            # torch.save writes zip files; anything else here is a test's deliberately broken file
+            if zipfile.is_zipfile(path):
+                from torch.serialization import get_unsafe_globals_in_checkpoint  # torch only once one is found
+
+                found = get_unsafe_globals_in_checkpoint(path)
+                if found:
+                    yield path, found
+
+
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workeroutput"):  # a pytest-xdist worker: its count goes to the controller
+        session.config.workeroutput["checkpoints_scanned"] = (len(_scanned), _scan_seconds[0])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    scanned = getattr(node, "workeroutput", {}).get("checkpoints_scanned", (0, 0.0))
+    node.config.stash.setdefault(_WORKER_SCANS, []).append(scanned)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Say how many checkpoint files the scan read (a scan that sees none is noticed) and what it cost."""
+    workers = config.stash.get(_WORKER_SCANS, [])
+    count = len(_scanned) + sum(c for c, _ in workers)
+    seconds = _scan_seconds[0] + sum(s for _, s in workers)
+    terminalreporter.write_line(f"checkpoints scanned for pickled code: {count} files in {seconds:.1f} s")

@@ -669,7 +669,8 @@ REDUCED: dict[str, Reduced] = {
 PRINTED = {
     "python src/train.py trainer.max_epochs=30 resume=outputs/runs/2026-11-25_22-41-07_5d1c2a":
         "printed by a run that stopped early (tests/test_resume.py runs such a command)",
-    "/path/to/cnnlab/.venv/bin/mlflow ui --backend-store-uri sqlite:////path/to/cnnlab/mlflow.db --port 5000":
+    "/path/to/cnnlab/.venv/bin/mlflow ui --backend-store-uri sqlite:////path/to/cnnlab/mlflow.db --host 127.0.0.1 "
+    "--port 5000":
         "printed by `make train` (what `make ui` runs)",
 }
 

@@ -62,6 +62,12 @@ def is_existing_file(value) -> bool:
     return isinstance(value, str) and Path(value).expanduser().is_file()
 
 
+def is_file_name(value) -> bool:
+    """A name that stays inside the folder it is put in: without '/' it cannot climb out ('..' plus a
+    suffix or prefix, as every use here adds one, is an ordinary name)."""
+    return isinstance(value, str) and value.strip() != "" and "/" not in value and "\0" not in value
+
+
 def is_run_reference(value) -> bool:
     return isinstance(value, str) and value.startswith("runs:/") and len(value.strip("/")) > len("runs:")
 
@@ -82,6 +88,7 @@ OptionalProbability = rule("a number in [0, 1], or null", lambda v: v is None or
 BelowOne = rule("a number in [0, 1)", lambda v: is_number(v) and 0 <= v < 1)
 Flag = rule("true or false", lambda v: isinstance(v, bool))
 Text = rule("a non-empty string", lambda v: isinstance(v, str) and v != "")
+FileName = rule("a name without '/' (it names a file or folder, which must stay in its own folder)", is_file_name)
 PathText = rule("a path", lambda v: isinstance(v, str) and v != "" or is_integer(v))  # Hydra reads 2024 as an int
 ChannelMeans = rule("a list of 3 numbers (one per RGB channel)", lambda v: is_numbers(v, 3))
 ChannelStds = rule("a list of 3 numbers > 0 (one per RGB channel)",
@@ -194,7 +201,7 @@ class AuxHead(Section):
 
 
 class Model(Section):
-    name: Text = None
+    name: FileName = None         # names the cached features' folder (training/features.py)
     in_chans: Count = None
     pretrained: rule("null, false, a file, an http(s) URL or runs:/<mlflow run id>",
                      lambda v: v is None or v is False or is_existing_file(v) or is_run_reference(v)
@@ -313,6 +320,14 @@ class PreviewOptions(Section):
     distortion_row: Index = None
 
 
+class CheckpointCallback(Section):
+    filename: FileName = None     # under callbacks.checkpoint.dirpath, the run's checkpoints/
+
+
+class Callbacks(Section):
+    checkpoint: CheckpointCallback | None = None
+
+
 # One schema per entry script: the sections that script reads ---------------------------------
 
 class Tracked(Section):
@@ -341,6 +356,7 @@ class Train(Tracked):
     optimizer: Optimizer = None
     scheduler: Scheduler | None = None
     trainer: Trainer = None
+    callbacks: Callbacks = None
     tta: rule("absent: test-time views are src/evaluate.py's (ckpt=... tta=flip)", lambda v: False) = None  # +tta=
 
     @model_validator(mode="after")

@@ -57,10 +57,17 @@ class Member:
         return torch.tensor([position[label] for label in self.labels])
 
 
+def is_member_name(name: str) -> bool:
+    """A name that is one MLflow key part and one folder name (the pipeline's results/evaluate/<name>):
+    only dots ('.', '..') would be this folder or its parent, and MLflow refuses such keys."""
+    return NAME.fullmatch(name) is not None and name.strip(".") != "" and name != ENSEMBLE
+
+
 def read_member(name: str, folder: str | Path) -> Member:
     """Read and check one evaluation folder; every problem is a ConfigError naming the member."""
-    if not NAME.fullmatch(name) or name == ENSEMBLE:
-        raise ConfigError(f"member name {name!r}: use letters, digits, '_', '.' or '-', and not {ENSEMBLE!r}")
+    if not is_member_name(name):
+        raise ConfigError(f"member name {name!r}: use letters, digits, '_', '.' or '-' (not only dots), "
+                          f"and not {ENSEMBLE!r}")
     folder = Path(folder)
     where = f"member {name!r} ({folder})"
     if not folder.is_dir():

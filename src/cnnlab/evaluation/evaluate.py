@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import MLFlowLogger
 
 from .. import tracking
+from ..checkpoints import read_checkpoint
 from ..data.augment import tta_views
 from ..errors import ConfigError
 from ..training.module import ImageClassifier
@@ -30,10 +31,11 @@ def load_checkpoint(reference: str) -> tuple[ImageClassifier, str | None]:
     path = tracking.run_artifact(reference) if reference.startswith("runs:/") else Path(reference).expanduser()
     if not path.is_file():
         raise ConfigError(f"checkpoint {reference!r} not found")
-    try:
-        train_run_id = torch.load(path, map_location="cpu", weights_only=True).get("mlflow_run_id")
-    except Exception as error:  # weights_only refuses pickled code: say which file
-        raise ConfigError(f"cannot read {path} as a checkpoint: {str(error).splitlines()[0]}") from None
+    # read safely first: Lightning's own read refuses pickled code too, but in a page of advice
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+        raise ConfigError(f"{path} is not a checkpoint of a training run (it has no state_dict)")
+    train_run_id = checkpoint.get("mlflow_run_id")
     return ImageClassifier.load_from_checkpoint(path, map_location="cpu"), train_run_id
 
 

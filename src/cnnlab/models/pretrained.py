@@ -40,6 +40,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ..checkpoints import read_checkpoint
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -118,10 +119,7 @@ def read_state_dict(source: str | Path, cache_dir: str | Path | None = None) -> 
         raise ConfigError(f"pretrained weights {source!r} not found")
     if path.suffix == ".safetensors":
         return load_file(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # weights_only refuses pickled code: say which file
-        raise ConfigError(f"cannot read {path} as a PyTorch checkpoint: {str(error).splitlines()[0]}") from None
+    checkpoint = read_checkpoint(path)
     if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("state_dict"), Mapping):
         checkpoint = checkpoint["state_dict"]  # Lightning
     if not isinstance(checkpoint, Mapping) or not all(torch.is_tensor(v) for v in checkpoint.values()):

@@ -17,14 +17,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from .. import tracking
+from ..checkpoints import read_checkpoint
 from ..errors import ConfigError
+from ..evaluation.ensemble import is_member_name
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def checkpoint_run_id(path: Path) -> str:
     """The MLflow run that wrote a checkpoint (cnnlab checkpoints name it)."""
     if not path.is_file():
         raise ConfigError(f"report: {path} is missing; run the pipeline first (dvc repro)")
-    run_id = torch.load(path, map_location="cpu", weights_only=True).get("mlflow_run_id")
+    run_id = read_checkpoint(path).get("mlflow_run_id")
     if not run_id:
         raise ConfigError(f"report: {path} names no MLflow run (was it trained with logger=none?)")
     return run_id
@@ -93,6 +94,9 @@ def find_ensemble_run(client: MlflowClient, experiment: str, members: list[Membe
 def read_members(results: Path, client: MlflowClient, names: list[str]) -> list[Member]:
     members = []
     for name in names:
+        if not is_member_name(name):  # names from a file become folder names below: none may climb out
+            raise ConfigError(f"report: {results / ENSEMBLE / 'metrics.json'} names a member {name!r}, which is no "
+                              "member name (letters, digits, '_', '.' or '-', not only dots)")
         evaluation = read_json(results / "evaluate" / name / "evaluation.json")
         members.append(Member(
             name=name, evaluation=evaluation, scores=read_json(results / "evaluate" / name / "metrics.json"),
