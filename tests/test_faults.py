@@ -3,6 +3,7 @@ server that does not answer, a full disk. Real processes; the faults are real or
 nothing else can make them happen on cue."""
 
 import os
+import signal
 import shutil
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 from mlflow.tracking import MlflowClient
 
 from conftest import ROOT, run_script
@@ -106,3 +108,43 @@ def test_a_full_disk_while_checkpointing_is_one_clear_line_and_keeps_the_last_ch
     assert "last.ckpt" in listing and not [name for name in listing if name.endswith(".partial")], listing
     client, run = only_run(tmp_path)
     assert run.info.status == "FAILED"
+
+
+def has_a_run(root) -> bool:
+    try:
+        return bool(only_run(root))
+    except Exception:  # no store, no experiment or no run yet
+        return False
+
+
+def test_a_script_other_than_train_closes_its_run_the_same_way_killed_or_failed(tmp_path):
+    """prepare.py through the lifecycle every script shares: SIGTERM mid-work -> KILLED, no traceback, no
+    cache; a bad image file (no skip_bad_images) -> FAILED with the one line naming it."""
+    process = subprocess.Popen([sys.executable, "src/prepare.py", f"paths.root_dir={tmp_path}",
+                                "data.source.train_size=100000"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               env={**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+                                    "NO_ALBUMENTATIONS_UPDATE": "1"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not has_a_run(tmp_path):
+        time.sleep(0.2)
+    time.sleep(1)  # its run is open, and it is generating (100,000 images take minutes)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.splitlines()[-1] == "Stopped (SIGTERM)."
+    assert [path.name for path in (tmp_path / "data").iterdir()] == [], "a half-written cache was left"
+    client, run = only_run(tmp_path)
+    assert run.info.status == "KILLED" and run.data.tags["cnnlab.stage"] == "prepare"
+
+    images = tmp_path / "images"
+    for split in ("train", "val", "test"):
+        for label in ("a", "b"):
+            (images / split / label).mkdir(parents=True)
+            Image.new("RGB", (40, 40), "red" if label == "a" else "blue").save(images / split / label / "ok.png")
+    (images / "train" / "a" / "broken.png").write_bytes(b"\\x89PNG not really")
+    failed = run_script("prepare.py", f"paths.root_dir={tmp_path / 'second'}", "data=imagefolder",
+                        f"data.source.root={images}")
+    assert failed.returncode == 2 and "train/a/broken.png" in error_lines(failed.stderr)[0], failed.stderr[-3000:]
+    client, run = only_run(tmp_path / "second")
+    assert run.info.status == "FAILED" and run.data.tags["cnnlab.stage"] == "prepare"

@@ -250,21 +250,29 @@ def test_second_repro_is_a_no_op(pipeline):
     assert "Data and pipelines are up to date" in steps["again"].stdout
 
 
+SCRIPTS = {"prepare": "prepare.py", "pretrain": "train.py", "train": "train.py", "evaluate": "evaluate.py",
+           "ensemble": "ensemble.py", "report": "report.py"}
+
+
 @pytest.mark.slow
 def test_each_stage_is_one_tagged_run_in_one_experiment(pipeline):
     repo, steps = pipeline
     client, found = runs(repo)
     first = [run for run in found if "cnnlab.dvc.exp_name" not in run.data.tags]  # those of `dvc repro`
     by_stage = {}
-    for run in first:
+    for run in first:  # every script's run opened, tagged and closed alike (tracking.tracked_run)
         tags = run.data.tags
         by_stage.setdefault(tags["cnnlab.stage"], []).append(run)
         assert run.info.status == "FINISHED"
+        assert {"cnnlab.command", "cnnlab.config_hash", "cnnlab.run_folder", "cnnlab.dvc.stage",
+                "cnnlab.git_dirty"} <= set(tags), (tags["cnnlab.stage"], sorted(tags))
+        assert tags["cnnlab.command"].startswith(f"python src/{SCRIPTS[tags['cnnlab.stage']]} ")
+        assert (repo / tags["cnnlab.run_folder"]).resolve().is_relative_to(repo / "results")
         assert tags["mlflow.source.git.commit"] == steps["commit"]
         assert re.fullmatch(r"[0-9a-f]{64}", tags["cnnlab.config_hash"])
         assert run.info.artifact_uri.startswith((repo / "mlartifacts").as_uri())
-    assert {stage: len(r) for stage, r in by_stage.items()} == {"pretrain": 1, "train": 2, "evaluate": 2,
-                                                               "ensemble": 1, "report": 1}
+    assert {stage: len(r) for stage, r in by_stage.items()} == {"prepare": 2, "pretrain": 1, "train": 2,
+                                                               "evaluate": 2, "ensemble": 1, "report": 1}
     assert sorted(r.data.tags["cnnlab.member"] for r in by_stage["train"]) == ["a", "b"]
     assert sorted(r.data.tags["cnnlab.dvc.stage"] for r in by_stage["evaluate"]) == ["evaluate@a", "evaluate@b"]
     train = {r.data.tags["cnnlab.member"]: r.info.run_id for r in by_stage["train"]}

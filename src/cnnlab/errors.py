@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 
 from omegaconf.errors import MissingMandatoryValue
@@ -30,13 +31,17 @@ def one_line_errors(task):
     """Wrap an entry point so that a ``ConfigError`` or ``RunFailed`` ends the program with its message alone.
 
     Hydra already reports its own config errors (a wrong option or key) this way; this does
-    the same for the checks our code makes and for a required value left unset (``???``).
-    Bugs still raise with their full traceback.
+    the same for the checks our code makes and for a required value left unset (``???``). A script
+    stopped by Ctrl-C or SIGTERM says so in one line too. Bugs still raise with their full traceback.
     """
     @functools.wraps(task)
     def wrapper(*args, **kwargs):
         try:
             return task(*args, **kwargs)
+        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (tracking.stop_signals_as_ctrl_c): asked for
+            name = str(stop) or "SIGINT"
+            print(f"Stopped ({name}).", file=sys.stderr)
+            sys.exit(128 + signal.Signals[name])  # as the shell reports a process ended by that signal
         except Exception as error:
             cause = error
             while cause is not None and not isinstance(cause, ONE_LINE):

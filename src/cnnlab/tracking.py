@@ -335,7 +335,9 @@ def instantiate_logger(cfg, stage: str, tags: Mapping[str, str] | None, options:
 
     if not cfg.get("logger"):
         return None
-    return instantiate(cfg.logger, tags=run_tags(cfg, stage, command_line(), tags), **options)
+    logger = instantiate(cfg.logger, tags=run_tags(cfg, stage, command_line(), tags), **options)
+    _ = logger.run_id  # the run exists from now on (Lightning makes it on first use): a stop mid-work is recorded
+    return logger
 
 
 def close(logger: Logger | None, status: str) -> None:
