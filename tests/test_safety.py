@@ -121,8 +121,6 @@ def test_report_refuses_a_pretrain_checkpoint_that_would_run_code(trained, outsi
 
 @pytest.mark.slow
 @pytest.mark.parametrize("given", ["run folder", "its last.ckpt", "a lone checkpoint"])
-@pytest.mark.xfail(strict=True, reason="until training/run.py's resume_point reads with cnnlab.checkpoints."
-                                       "read_checkpoint (then remove this mark)")
 def test_resume_refuses_a_checkpoint_that_would_run_code(trained, outside, given):
     """A run folder's last.ckpt continues that run; a checkpoint from elsewhere starts a new run from it."""
     root, checkpoint = trained

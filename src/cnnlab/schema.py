@@ -344,8 +344,9 @@ def at_least_the_model_minimum(key: str, size, model: Model) -> None:
 
 class Train(Tracked):
     seed: Seed = None
-    resume: rule("a run folder (holding checkpoints/last.ckpt), a checkpoint file, or null",
-                 lambda v: v is None or is_existing_file(v)
+    resume: rule("a run folder (holding checkpoints/last.ckpt), a checkpoint file, runs:/<MLflow run id>, auto, "
+                 "or null",
+                 lambda v: v is None or v == "auto" or is_run_reference(v) or is_existing_file(v)
                  or isinstance(v, str) and (Path(v).expanduser() / "checkpoints" / "last.ckpt").is_file()) = None
     label_smoothing: BelowOne = None
     scaling: Scaling = None  # first: its values reach data and model, whose keys would be blamed instead

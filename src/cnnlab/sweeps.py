@@ -49,9 +49,9 @@ def job_results(folder: str | Path) -> dict[str, Any]:
     results: dict[str, Any] = {}
     best = folder / "checkpoints" / "best.ckpt"
     if best.is_file():
-        import torch  # only here: a sweep's parent process never needs it otherwise
+        from .checkpoints import read_checkpoint  # only here: a sweep's parent process never needs torch otherwise
 
-        checkpoint = torch.load(best, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = read_checkpoint(best)
         results["mlflow_run_id"] = checkpoint.get("mlflow_run_id")
         for state in checkpoint.get("callbacks", {}).values():
             if isinstance(state, Mapping) and state.get("best_model_score") is not None and state.get("monitor"):

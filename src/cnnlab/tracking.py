@@ -372,12 +372,3 @@ def log_how_to_open(logger: MLFlowLogger | None) -> None:
         log.info(f"MLflow run {logger.run_id}. Open the UI with:\n  {ui_command(uri)}\n"
                  f"then {run_url(uri, logger.experiment_id, logger.run_id)}")
 
-
-@contextmanager
-def finished(logger):  # TEMPORARY until evaluate/ensemble/report move to tracked_run
-    try:
-        yield logger
-    except BaseException:
-        close(logger, "FAILED")
-        raise
-    close(logger, "FINISHED")

@@ -323,43 +323,42 @@ def ensemble(cfg) -> dict[str, dict[str, float]]:
     given = given and {str(name): weight for name, weight in given.items()}
     weights = dict(zip(folders, normalised_weights(list(folders), given)))  # checked before any file is read
 
+    tracking.use_store(cfg.tracking_uri, cfg.paths.mlflow_db)  # a server must answer before any work
     members = [read_member(name, folder) for name, folder in folders.items()]
     check_compatible(members)
-    probabilities = average([m.probabilities for m in members], list(weights.values()), cfg.average)
-    targets = members[0].targets
-    results = {m.name: metrics(m.probabilities, targets) for m in members}
-    results[ENSEMBLE] = metrics(probabilities, targets)
+    with tracking.tracked_run(cfg, "ensemble", tags=member_tags(members), log_model=False) as logger:
+        probabilities = average([m.probabilities for m in members], list(weights.values()), cfg.average)
+        targets = members[0].targets
+        results = {m.name: metrics(m.probabilities, targets) for m in members}
+        results[ENSEMBLE] = metrics(probabilities, targets)
 
-    how = describe(cfg.average, weights)
-    out = Path(HydraConfig.get().runtime.output_dir)
-    (out / "metrics.json").write_text(json.dumps(results, indent=2))
-    (out / "members.md").write_text(markdown_table(results, weights, how))
-    files = [out / "metrics.json", out / "members.md", write_csv(out / "members.csv", results, weights, members),
-             write_chart(out / "accuracy.png", results, how),
-             write_predictions(out / PREDICTIONS, members[0], probabilities)]
-    logger = _track(cfg, members, weights, results, files) if cfg.logger else None
-
-    log.info(f"\n{summary(results, how)}\n\n{text_table(results, weights)}\nWrote {out}")
-    tracking.log_how_to_open(logger)
+        how = describe(cfg.average, weights)
+        out = Path(HydraConfig.get().runtime.output_dir)
+        (out / "metrics.json").write_text(json.dumps(results, indent=2))
+        (out / "members.md").write_text(markdown_table(results, weights, how))
+        files = [out / "metrics.json", out / "members.md", write_csv(out / "members.csv", results, weights, members),
+                 write_chart(out / "accuracy.png", results, how),
+                 write_predictions(out / PREDICTIONS, members[0], probabilities)]
+        if logger is not None:
+            log_run(logger, cfg, members, weights, results, files)
+        log.info(f"\n{summary(results, how)}\n\n{text_table(results, weights)}\nWrote {out}")
     return results
 
 
-def _track(cfg, members: Sequence[Member], weights: Mapping[str, float], results, files: Sequence[Path]):
-    """One MLflow run: the members and the ensemble side by side, and where each member came from."""
-    from hydra.utils import instantiate
-
-    from ..training.run import command_line
-
-    tags = tracking.run_tags(cfg, "ensemble", command_line())
-    for member in members:  # evaluate's run and the training run behind it, to walk back from the ensemble
+def member_tags(members: Sequence[Member]) -> dict[str, str]:
+    """Each member's evaluation run and the training run behind it, to walk back from the ensemble."""
+    tags = {}
+    for member in members:
         for key, tag in (("mlflow_run_id", "run_id"), ("train_run_id", "train_run_id")):
             if member.evaluation.get(key):
                 tags[f"cnnlab.member.{member.name}.{tag}"] = str(member.evaluation[key])
-    tracking.use_store(cfg.tracking_uri, cfg.paths.mlflow_db)
-    with tracking.finished(instantiate(cfg.logger, tags=tags, log_model=False)) as logger:
-        logger.log_hyperparams({"average": cfg.average, **{f"members.{m.name}": str(m.folder) for m in members},
-                                **{f"weights.{name}": weight for name, weight in weights.items()}})
-        logger.log_metrics({f"test/{name}/{metric}": value
-                            for name, values in results.items() for metric, value in values.items()})
-        tracking.log_files(logger, files)
-    return logger
+    return tags
+
+
+def log_run(logger, cfg, members: Sequence[Member], weights: Mapping[str, float], results, files: Sequence[Path]):
+    """The members and the ensemble side by side in one MLflow run."""
+    logger.log_hyperparams({"average": cfg.average, **{f"members.{m.name}": str(m.folder) for m in members},
+                            **{f"weights.{name}": weight for name, weight in weights.items()}})
+    logger.log_metrics({f"test/{name}/{metric}": value
+                        for name, values in results.items() for metric, value in values.items()})
+    tracking.log_files(logger, files)

@@ -17,7 +17,6 @@ from ..checkpoints import read_checkpoint
 from ..data.augment import tta_views
 from ..errors import ConfigError
 from ..training.module import ImageClassifier
-from ..training.run import command_line
 from .reports import scores, write_reports
 from .tta import predict, view_loader
 
@@ -59,38 +58,29 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """Score ``cfg.ckpt`` on the test split with ``none`` and the selected ``tta``; write and track the results."""
     tracking.use_store(cfg.tracking_uri, cfg.paths.mlflow_db)  # where runs:/ references resolve
     module, train_run_id = load_checkpoint(str(cfg.ckpt))
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()  # the cache: its classes and its test split
-    if module.classes != datamodule.classes:
-        raise ConfigError(f"the checkpoint's classes {module.classes} differ from the data's {datamodule.classes}: "
-                          "evaluate with the data settings it was trained with")
-    mode = cfg.evaluate.mode
-    views, groups = view_groups(mode, OmegaConf.to_container(cfg.tta, resolve=True), cfg.evaluate.image_size)
-    loader = view_loader(datamodule.cache.split("test"), views, cfg.evaluate.batch_size, datamodule.loader_workers)
-    mode_views = groups[mode].stop - groups[mode].start
-    extra = "" if mode == PLAIN else f" (and the plain view, {PLAIN})"
-    log.info(f"Evaluating {cfg.ckpt} on {len(loader.dataset)} test images, "
-             f"tta={mode}: {mode_views} views per image{extra}")
-    probabilities, labels = predict(module, loader, groups, "cuda" if torch.cuda.is_available() else "cpu")
-    metrics = {name: scores(p, labels) for name, p in probabilities.items()}
-
-    with tracking.finished(start_tracking(cfg, train_run_id)) as logger:
+    with tracking.tracked_run(cfg, "evaluate", tags={"cnnlab.train_run_id": train_run_id} if train_run_id else {},
+                              log_model=False) as logger:
+        datamodule = instantiate(cfg.data)
+        datamodule.prepare_data()  # the cache: its classes and its test split
+        if module.classes != datamodule.classes:
+            raise ConfigError(f"the checkpoint's classes {module.classes} differ from the data's "
+                              f"{datamodule.classes}: evaluate with the data settings it was trained with")
+        mode = cfg.evaluate.mode
+        views, groups = view_groups(mode, OmegaConf.to_container(cfg.tta, resolve=True), cfg.evaluate.image_size)
+        loader = view_loader(datamodule.cache.split("test"), views, cfg.evaluate.batch_size,
+                             datamodule.loader_workers)
+        mode_views = groups[mode].stop - groups[mode].start
+        extra = "" if mode == PLAIN else f" (and the plain view, {PLAIN})"
+        log.info(f"Evaluating {cfg.ckpt} on {len(loader.dataset)} test images, "
+                 f"tta={mode}: {mode_views} views per image{extra}")
+        probabilities, labels = predict(module, loader, groups, "cuda" if torch.cuda.is_available() else "cpu")
+        metrics = {name: scores(p, labels) for name, p in probabilities.items()}
         files = write_outputs(Path(cfg.evaluate.output_dir), cfg, metrics, probabilities[mode], labels,
                               module.classes, train_run_id, logger)
         if logger is not None:
             log_run(logger, cfg, metrics, files, mode_views)
-    report(metrics, mode, mode_views, cfg.evaluate.output_dir, logger)
+        report(metrics, mode, mode_views, cfg.evaluate.output_dir)
     return metrics
-
-
-def start_tracking(cfg: DictConfig, train_run_id: str | None) -> MLFlowLogger | None:
-    """This evaluation's MLflow run, in the same store and experiment (and artifact place) as training's."""
-    if not cfg.logger:
-        return None
-    tags = tracking.run_tags(cfg, "evaluate", command_line())
-    if train_run_id:
-        tags["cnnlab.train_run_id"] = train_run_id
-    return instantiate(cfg.logger, tags=tags, log_model=False)
 
 
 def write_outputs(directory: Path, cfg: DictConfig, metrics: dict, probabilities: torch.Tensor, labels: torch.Tensor,
@@ -122,7 +112,7 @@ def log_run(logger: MLFlowLogger, cfg: DictConfig, metrics: dict, files: list[Pa
     tracking.log_files(logger, files)
 
 
-def report(metrics: dict, mode: str, views: int, output_dir: str, logger: MLFlowLogger | None) -> None:
+def report(metrics: dict, mode: str, views: int, output_dir: str) -> None:
     plain = metrics[PLAIN]["acc"]
     line = f"\nTest accuracy: {PLAIN} {plain:.4f}"
     if mode != PLAIN:
@@ -130,4 +120,3 @@ def report(metrics: dict, mode: str, views: int, output_dir: str, logger: MLFlow
         line += f", {mode} {metrics[mode]['acc']:.4f} ({gain:+.2f} points with {views} views per image)"
     log.info(line)
     log.info(f"Outputs: {Path(output_dir).resolve()}")
-    tracking.log_how_to_open(logger)

@@ -255,8 +255,6 @@ def html(text: str, title: str) -> str:
 
 def report(cfg: DictConfig) -> Path:
     """``python src/report.py``: write and track the report of the pipeline's results; returns report.md."""
-    from ..training.run import command_line
-
     results, out = Path(cfg.results_dir), Path(cfg.output_dir)
     tracking.use_store(cfg.tracking_uri, cfg.paths.mlflow_db)
     client = MlflowClient()
@@ -266,30 +264,27 @@ def report(cfg: DictConfig) -> Path:
     members = read_members(results, client, [name for name in ensemble if name != ENSEMBLE])
     ensemble_run = find_ensemble_run(client, cfg.experiment, members)
 
-    out.mkdir(parents=True, exist_ok=True)
-    files = [accuracy_chart(out / "accuracy.png", members, ensemble),
-             curves_chart(out / "curves.png", read_history(results / "pretrain" / "history.csv"), members)]
-    text = markdown(cfg.experiment, pretrain, pretrain_run, members, ensemble, ensemble_run, results, out)
-    (out / "report.md").write_text(text)
-    (out / "report.html").write_text(html(text, f"Pipeline report: {cfg.experiment}"))
-    files += [out / "report.md", out / "report.html"]
-    if cfg.logger:
-        refs = {"cnnlab.pretrain.run_id": pretrain_run.info.run_id, "cnnlab.ensemble.run_id": ensemble_run.info.run_id}
-        for m in members:
-            refs[f"cnnlab.member.{m.name}.train_run_id"] = m.train_run.info.run_id
-            refs[f"cnnlab.member.{m.name}.run_id"] = m.evaluate_run.info.run_id
-        log_run(cfg, tracking.run_tags(cfg, "report", command_line(), refs), pretrain, members, ensemble, files)
-    log.info(f"\n{text.splitlines()[2]}\n\nWrote {(out / 'report.md').resolve()} and report.html")
+    refs = {"cnnlab.pretrain.run_id": pretrain_run.info.run_id, "cnnlab.ensemble.run_id": ensemble_run.info.run_id}
+    for m in members:
+        refs[f"cnnlab.member.{m.name}.train_run_id"] = m.train_run.info.run_id
+        refs[f"cnnlab.member.{m.name}.run_id"] = m.evaluate_run.info.run_id
+    with tracking.tracked_run(cfg, "report", tags=refs, log_model=False) as logger:
+        out.mkdir(parents=True, exist_ok=True)
+        files = [accuracy_chart(out / "accuracy.png", members, ensemble),
+                 curves_chart(out / "curves.png", read_history(results / "pretrain" / "history.csv"), members)]
+        text = markdown(cfg.experiment, pretrain, pretrain_run, members, ensemble, ensemble_run, results, out)
+        (out / "report.md").write_text(text)
+        (out / "report.html").write_text(html(text, f"Pipeline report: {cfg.experiment}"))
+        files += [out / "report.md", out / "report.html"]
+        if logger is not None:
+            log_run(logger, pretrain, members, ensemble, files)
+        log.info(f"\n{text.splitlines()[2]}\n\nWrote {(out / 'report.md').resolve()} and report.html")
     return out / "report.md"
 
 
-def log_run(cfg: DictConfig, tags: dict, pretrain: dict, members: list[Member], ensemble: dict,
-            files: list[Path]) -> None:
-    from hydra.utils import instantiate
-
-    with tracking.finished(instantiate(cfg.logger, tags=tags, log_model=False)) as logger:
-        metrics = {"pretrain/test/acc": pretrain["test/acc"], f"test/{ENSEMBLE}/acc": ensemble[ENSEMBLE]["acc"]}
-        for m in members:
-            metrics.update({f"test/{m.name}/{mode}/acc": values["acc"] for mode, values in m.scores.items()})
-        logger.log_metrics(metrics)
-        tracking.log_files(logger, files)
+def log_run(logger, pretrain: dict, members: list[Member], ensemble: dict, files: list[Path]) -> None:
+    metrics = {"pretrain/test/acc": pretrain["test/acc"], f"test/{ENSEMBLE}/acc": ensemble[ENSEMBLE]["acc"]}
+    for m in members:
+        metrics.update({f"test/{m.name}/{mode}/acc": values["acc"] for mode, values in m.scores.items()})
+    logger.log_metrics(metrics)
+    tracking.log_files(logger, files)

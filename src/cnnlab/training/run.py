@@ -15,14 +15,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .. import tracking
-from ..tracking import command_line, relative  # noqa: F401 (evaluate, ensemble, report import them from here)
+from ..checkpoints import read_checkpoint
+from ..tracking import relative
 from ..data import ImageDataModule
 from ..data.datamodule import per_process_batch
 from ..errors import ConfigError
@@ -62,11 +62,12 @@ def resume_point(resume: str | None, folder: Path | None) -> tuple[Path | None, 
     else:
         path = Path(resume).expanduser()
         checkpoint = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
+    run_id = read_checkpoint(checkpoint).get("mlflow_run_id")  # before Lightning reads it: one line, not a page
     if folder is None or checkpoint.resolve().parent.parent != folder.resolve():
         return checkpoint, None
     if is_first_process():
         log.info(f"Continuing the run in {relative(folder)} from {checkpoint.name}")
-    return checkpoint, torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("mlflow_run_id")
+    return checkpoint, run_id
 
 
 def restore_checkpoints(run: str, folder: Path) -> None:
