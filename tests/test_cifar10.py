@@ -69,6 +69,31 @@ def test_a_different_tarball_is_refused(tmp_path):
         Cifar10Source(path, tmp_path / "cache", download=False).prepare()
 
 
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))  # creates the marker file when unpickled
+
+
+def test_a_tarball_whose_pickles_would_run_code_is_refused_and_nothing_runs(tmp_path):
+    """A tarball put at data.source.archive by hand is not MD5-checked: its pickles must not run anything."""
+    archive = make_tarball(tmp_path / "cifar-10-python.tar.gz")
+    marker = tmp_path / "code-ran"
+    with tarfile.open(archive, "r:gz") as original:
+        members = {m.name: original.extractfile(m).read() for m in original.getmembers()}
+    members["cifar-10-batches-py/batches.meta"] = pickle.dumps({b"label_names": RunsCode(marker)})
+    with tarfile.open(archive, "w:gz") as crafted:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            crafted.addfile(info, io.BytesIO(payload))
+    with pytest.raises(ConfigError, match=r"its batches.meta would import io.open \(refused; nothing"):
+        Cifar10Source(archive, tmp_path / "cache", download=False).prepare()
+    assert not marker.exists() and not list((tmp_path / "cache").glob("cifar10-*"))
+
+
 @pytest.mark.slow
 def test_train_on_cifar10_from_a_tarball(tmp_path):
     from conftest import run_script

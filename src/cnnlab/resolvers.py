@@ -46,8 +46,11 @@ def run_id() -> str:
     agrees. The processes of one torchrun or srun launch take the launcher's job id instead
     (launch.shared_run_name); ``CNNLAB_RUN_ID`` sets it for any processes that must share one folder.
     """
-    return (os.environ.get("CNNLAB_RUN_ID") or shared_run_name()
-            or f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}")
+    name = os.environ.get("CNNLAB_RUN_ID") or shared_run_name()
+    if name is not None and ("/" in name or name.strip(".") == ""):  # it names a folder under outputs/runs
+        raise ConfigError(f"run folder name {name!r} (from CNNLAB_RUN_ID, torchrun's --rdzv-id or SLURM's job id) "
+                          "would leave outputs/runs: give a plain name")
+    return name or f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}"
 
 
 def resumed_folder(resume, config) -> Path | None:

@@ -62,13 +62,31 @@ def verify_md5(path: Path, md5: str) -> None:
         raise ConfigError(f"{path} has MD5 {actual}, expected {md5}: the download is corrupt, so it was removed")
 
 
+class BatchUnpickler(pickle.Unpickler):
+    """Reads the CIFAR-10 batches (dicts of bytes, lists of ints, numpy arrays) and refuses to import
+    anything else: a tarball put at ``data.source.archive`` by hand is not checked against the
+    download's MD5, and an ordinary unpickler would run whatever code a crafted one names."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
 def read_archive(path: Path) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Class names and {"train": ..., "test": ...} as (N, 32, 32, 3) uint8 images and labels."""
     def load(archive: tarfile.TarFile, name: str) -> dict:
         member = next((m for m in archive.getmembers() if m.name.endswith(f"cifar-10-batches-py/{name}")), None)
         if member is None:
             raise ConfigError(f"{path} is not the CIFAR-10 python tarball: {name} is missing")
-        return pickle.load(archive.extractfile(member), encoding="bytes")  # the format is Python pickles
+        try:  # the format is Python pickles: only what the batches hold may be built from them
+            return BatchUnpickler(archive.extractfile(member), encoding="bytes").load()
+        except pickle.UnpicklingError as error:
+            raise ConfigError(f"{path} is not the CIFAR-10 python tarball: its {name} would import {error} "
+                              "(refused; nothing from it was run)") from None
 
     def images_labels(batches: list[dict]) -> tuple[np.ndarray, np.ndarray]:
         data = np.concatenate([np.asarray(b[b"data"], np.uint8) for b in batches])

@@ -82,6 +82,7 @@ def write_previews(cfg) -> list[Path]:
     images = [np.asarray(train.images[i]) for i in picks]
     labels = [cache.classes[train.labels[i]] for i in picks]
     policy = HydraConfig.get().runtime.choices.get("augment", "custom") if HydraConfig.initialized() else "custom"
+    policy = policy.replace("/", "_")  # a choice from a nested or outside yaml (augment=../x) names a file here
     out = Path(cfg.preview.output_dir)
     size, p = cfg.data.image_size, cfg.preview
     paths = [

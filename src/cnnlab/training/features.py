@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from ..data.augment import eval_transform
-from ..data.cache import SPLITS, ImageCache, is_prepared, write_arrays
+from ..data.cache import SPLITS, ImageCache, build_once, write_arrays
 from ..data.datamodule import CachedImageDataset, ImageDataModule, batches, process_loader
 from .finetune import trunk
 from .module import ImageClassifier
@@ -77,9 +77,12 @@ class CachedFeatureDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         self.images.prepare_data()
         self.dir = self.features_dir / f"{self.module.net.name}-{features_key(self.module, self.images)}"
-        if is_prepared(self.dir):
-            rank_zero_info(f"freeze: training the head on cached features from {self.dir}")
-            return
+        extracted = []  # by this process (two trainings at once compute them once: build_once's lock)
+        build_once(self.dir, lambda: extracted.append(self._extract_and_write()))
+        rank_zero_info(f"freeze: cached the frozen trunk's features in {self.dir}" if extracted
+                       else f"freeze: training the head on cached features from {self.dir}")
+
+    def _extract_and_write(self) -> None:
         arrays = {}
         for split in SPLITS:
             images = CachedImageDataset(self.images.cache.split(split), eval_transform(self.images.image_size))
@@ -87,7 +90,6 @@ class CachedFeatureDataModule(pl.LightningDataModule):
             arrays[f"{split}_features"], arrays[f"{split}_labels"] = extract(self.module, loader, f"Features ({split})")
         write_arrays(self.dir, arrays, {"classes": self.classes, "model": self.module.net.name,
                                         "data": self.images.cache.dir.name, "dim": int(arrays["train_features"].shape[1])})
-        rank_zero_info(f"freeze: cached the frozen trunk's features in {self.dir}")
 
     def setup(self, stage: str | None = None) -> None:
         if self.dir is None:
