@@ -212,11 +212,6 @@ def test_four_trainings_at_once_on_an_mlflow_server(tmp_path, mlflow_server):
     """The same through a real server, which stores the checkpoints itself."""
     url, server = mlflow_server
     start = len(server_log(server))
-    # Until tracking.mlflow_logger calls prepare_server, runs that find no experiment on a server race to create
-    # it and all but one fail (test_runs_starting_at_the_same_moment_on_a_server_share_its_new_experiment): here
-    # four do, often (they leave the data preparation's lock together). Made first, so that this test checks the
-    # rest; remove this line with that test's xfail.
-    MlflowClient(url).create_experiment("cnnlab")
     train_four(tmp_path, f"tracking_uri={url}")
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlartifacts").exists()  # all went to the server
     runs = check_four_runs(MlflowClient(url), tmp_path, tmp_path / "downloads")
@@ -257,8 +252,6 @@ logger.finalize("success")
 """
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: tracking.mlflow_logger must call tracking.prepare_server(tracking_uri, "
-                                       "experiment_name) for a server, as it calls prepare_store for the SQLite store")
 def test_runs_starting_at_the_same_moment_on_a_server_share_its_new_experiment(tmp_path, mlflow_server):
     """Runs that open their MLflow logger on a server at the same moment, with an experiment the server does not
     have: one creates it, the others use it (Lightning's logger alone fails them: it already exists). Two runs

@@ -95,6 +95,8 @@ def mlflow_logger(experiment_name: str, tracking_uri: str | None, default_db: st
     local = not tracking_uri
     if local:  # before the logger's client opens the store: it would create the tables itself, racing others
         prepare_store(default_db, experiment_name, Path(artifact_dir).resolve().as_uri())
+    else:  # before the logger looks the experiment up: it would create a missing one itself, racing others
+        prepare_server(tracking_uri, experiment_name)
     logger = MLFlowLogger(
         experiment_name=experiment_name,
         run_name=run_name,
