@@ -171,6 +171,15 @@ def test_a_config_name_that_leads_out_of_its_folder_is_refused(tmp_path, overrid
     assert not [p for p in tmp_path.rglob("*escaped*")]
 
 
+@pytest.mark.parametrize("name", ["../escaped", ".."])
+def test_a_run_folder_name_from_the_environment_that_leads_out_is_refused(tmp_path, name):
+    """CNNLAB_RUN_ID (and torchrun's --rdzv-id, SLURM's job ids) name the folder under outputs/runs."""
+    root = tmp_path / "root"
+    result = run_script("train.py", *tiny_overrides(root), "logger=none", env={"CNNLAB_RUN_ID": name})
+    assert result.returncode != 0 and f"run folder name {name!r}" in result.stderr, result.stderr[-2000:]
+    assert not list(tmp_path.rglob("escaped")) and not (root / "outputs").exists()
+
+
 def write_member(folder: Path) -> Path:
     """A hand-made evaluation folder: two classes, two test images."""
     folder.mkdir(parents=True)
