@@ -110,23 +110,6 @@ def test_an_interrupted_run_says_how_to_continue_it(tmp_path):
     assert (folder / "metrics.json").is_file() and only_folder(tmp_path) == folder
 
 
-def test_sigterm_stops_the_run_in_seconds_marks_it_killed_and_keeps_its_checkpoint(tmp_path):
-    """What `timeout`, `docker stop` and SLURM send, to the whole process group (the DataLoader worker too)."""
-    process = start(tmp_path, "data.num_workers=1", start_new_session=True)
-    stopped_at = []
-    output = in_the_second_epoch(process, tmp_path, lambda p: (os.killpg(p.pid, signal.SIGTERM),
-                                                               stopped_at.append(time.monotonic())), pause=0.3)
-    stopped_at = stopped_at[0]
-    assert process.returncode not in (0, None) and time.monotonic() - stopped_at < 15, output[-3000:]
-    assert "Traceback" not in output, output[-3000:]
-    assert "Continue it, in the same folder and MLflow run, with:" in output
-
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    [run] = client.search_runs([client.get_experiment_by_name("cnnlab").experiment_id])
-    assert run.info.status == "KILLED"
-    assert "last/last.ckpt" in {a.path for a in client.list_artifacts(run.info.run_id, "last")}
-
-
 def only_run(root):
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     [run] = client.search_runs([client.get_experiment_by_name("cnnlab").experiment_id])
@@ -160,14 +143,22 @@ def test_slurm_requeue_requeues_the_job_and_the_requeued_job_continues_the_run(t
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/acc")) == [15, 31, 47]
 
 
-def test_a_run_continues_from_the_store_when_its_folder_is_gone(tmp_path):
-    """resume=runs:/<id> on a machine without the run's folder: its checkpoints come from the MLflow store.
-    Before that, resume=auto with another config finds nothing of its own to continue and starts anew."""
-    process = start(tmp_path, start_new_session=True)
-    in_the_second_epoch(process, tmp_path, lambda p: os.killpg(p.pid, signal.SIGTERM))
+def test_sigterm_stops_the_run_in_seconds_and_it_continues_from_the_store_when_its_folder_is_gone(tmp_path):
+    """SIGTERM (what `timeout`, `docker stop` and SLURM send) to the whole process group, the DataLoader worker
+    too: the run stops within seconds, KILLED, its checkpoints logged. Then resume=runs:/<id> on a machine
+    without the run's folder: its checkpoints come from the MLflow store. Before that, resume=auto with
+    another config finds nothing of its own to continue and starts anew."""
+    process = start(tmp_path, "data.num_workers=1", start_new_session=True)
+    stopped_at = []
+    output = in_the_second_epoch(process, tmp_path, lambda p: (os.killpg(p.pid, signal.SIGTERM),
+                                                               stopped_at.append(time.monotonic())), pause=0.3)
+    assert process.returncode not in (0, None) and time.monotonic() - stopped_at[0] < 15, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert "Continue it, in the same folder and MLflow run, with:" in output
     folder = only_folder(tmp_path)
     client, stopped = only_run(tmp_path)
     assert stopped.info.status == "KILLED"
+    assert "last/last.ckpt" in {a.path for a in client.list_artifacts(stopped.info.run_id, "last")}
 
     other = run_script("train.py", f"paths.root_dir={tmp_path}", *TASK, "trainer.max_epochs=1", "resume=auto")
     assert other.returncode == 0, other.stderr[-3000:]

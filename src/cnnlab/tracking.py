@@ -367,9 +367,9 @@ def log_files(logger: MLFlowLogger, files: Iterable[Path]) -> None:
         logger.experiment.log_artifact(logger.run_id, str(path))
 
 
-def log_how_to_open(logger: MLFlowLogger | None) -> None:
+def log_how_to_open(logger: Logger | None) -> None:
     """The run's id, the command that opens the UI on its store and the run's address there."""
-    if logger is not None:
+    if isinstance(logger, MLFlowLogger):  # not in a DDP run's other processes (OtherProcessLogger)
         uri = logger.experiment.tracking_uri
         log.info(f"MLflow run {logger.run_id}. Open the UI with:\n  {ui_command(uri)}\n"
                  f"then {run_url(uri, logger.experiment_id, logger.run_id)}")

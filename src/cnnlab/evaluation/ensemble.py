@@ -24,6 +24,7 @@ import torch
 
 from .. import tracking
 from ..errors import ConfigError
+from ..files import write_text, written_whole
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def metrics(probabilities: torch.Tensor, targets: torch.Tensor) -> dict[str, flo
 def write_predictions(path: Path, template: Member, probabilities: torch.Tensor) -> Path:
     """The ensemble's predictions in its members' format, so the ensemble can itself be a member."""
     predicted = probabilities.argmax(1).tolist()
-    with open(path, "w", newline="") as file:
+    with written_whole(path) as partial, open(partial, "w", newline="") as file:
         writer = csv.writer(file, lineterminator="\n")
         writer.writerow([*LEADING_COLUMNS, *template.classes])
         for row, (index, label) in enumerate(zip(template.index, template.labels)):
@@ -269,7 +270,7 @@ def summary(results, how: str) -> str:
 def write_csv(path: Path, results, weights, members: Sequence[Member]) -> Path:
     folders = {member.name: member.folder for member in members}
     columns = list(results[ENSEMBLE])
-    with open(path, "w", newline="") as file:
+    with written_whole(path) as partial, open(partial, "w", newline="") as file:
         writer = csv.writer(file, lineterminator="\n")
         writer.writerow(["member", "weight", *columns, "folder"])
         for name, values in results.items():
@@ -296,7 +297,8 @@ def write_chart(path: Path, results, how: str) -> Path:
     axes.set_title(f"Ensemble ({how}) and its members", fontsize=10)
     axes.legend(loc="upper left", fontsize=8, frameon=False)
     axes.tick_params(axis="x", labelrotation=30 if len(names) > 5 else 0)
-    figure.savefig(path, dpi=120)
+    with written_whole(path) as partial:
+        figure.savefig(partial, dpi=120)
     return path
 
 
@@ -334,8 +336,8 @@ def ensemble(cfg) -> dict[str, dict[str, float]]:
 
         how = describe(cfg.average, weights)
         out = Path(HydraConfig.get().runtime.output_dir)
-        (out / "metrics.json").write_text(json.dumps(results, indent=2))
-        (out / "members.md").write_text(markdown_table(results, weights, how))
+        write_text(out / "metrics.json", json.dumps(results, indent=2))
+        write_text(out / "members.md", markdown_table(results, weights, how))
         files = [out / "metrics.json", out / "members.md", write_csv(out / "members.csv", results, weights, members),
                  write_chart(out / "accuracy.png", results, how),
                  write_predictions(out / PREDICTIONS, members[0], probabilities)]

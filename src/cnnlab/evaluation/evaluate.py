@@ -16,6 +16,7 @@ from .. import tracking
 from ..checkpoints import read_checkpoint
 from ..data.augment import tta_views
 from ..errors import ConfigError
+from ..files import write_text
 from ..training.module import ImageClassifier
 from .reports import scores, write_reports
 from .tta import predict, view_loader
@@ -94,9 +95,9 @@ def write_outputs(directory: Path, cfg: DictConfig, metrics: dict, probabilities
         "tta": cfg.evaluate.mode,
         "classes": classes,
     }
-    (directory / "evaluation.json").write_text(json.dumps(summary, indent=2))
+    write_text(directory / "evaluation.json", json.dumps(summary, indent=2))
     # the run folder's metrics, also what DVC reads as the stage's metrics
-    (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_text(directory / "metrics.json", json.dumps(metrics, indent=2))
     reports = write_reports(directory, probabilities, labels, classes, mode=cfg.evaluate.mode)
     return [directory / "metrics.json", directory / "evaluation.json", *reports]
 

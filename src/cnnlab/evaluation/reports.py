@@ -11,6 +11,7 @@ from torch.nn import functional as F
 from torchmetrics.classification import (MulticlassConfusionMatrix, MulticlassF1Score, MulticlassPrecision,
                                          MulticlassRecall)
 
+from ..files import written_whole
 from ..training.module import classification_metrics
 
 
@@ -28,7 +29,7 @@ def scores(probabilities: torch.Tensor, labels: torch.Tensor) -> dict[str, float
 def write_predictions(path: Path, probabilities: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]) -> None:
     """One row per test image: its index in the split, true and predicted class, each class's probability."""
     predicted = probabilities.argmax(dim=1)
-    with open(path, "w", newline="") as file:
+    with written_whole(path) as partial, open(partial, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["index", "label", "predicted", *classes])
         for index, (label, guess, row) in enumerate(zip(labels.tolist(), predicted.tolist(), probabilities.tolist())):
@@ -45,7 +46,7 @@ def write_confusion_matrix(directory: Path, probabilities: torch.Tensor, labels:
 
     confusion = MulticlassConfusionMatrix(len(classes))
     counts = confusion(probabilities, labels)
-    with open(directory / "confusion_matrix.csv", "w", newline="") as file:
+    with written_whole(directory / "confusion_matrix.csv") as partial, open(partial, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["label", *classes])
         writer.writerows([name, *row] for name, row in zip(classes, counts.tolist()))
@@ -54,7 +55,8 @@ def write_confusion_matrix(directory: Path, probabilities: torch.Tensor, labels:
     confusion.plot(ax=axes, labels=list(classes), add_text=len(classes) <= 30)  # counts stay legible
     axes.set_title(f"{title}{int(counts.trace())} of {int(counts.sum())} test images right")
     figure.tight_layout()
-    figure.savefig(directory / "confusion_matrix.png", dpi=100)
+    with written_whole(directory / "confusion_matrix.png") as partial:
+        figure.savefig(partial, dpi=100)
     plt.close(figure)
 
 
@@ -63,7 +65,7 @@ def write_per_class(path: Path, probabilities: torch.Tensor, labels: torch.Tenso
     columns = [metric(num_classes, average=None)(probabilities, labels).tolist()
                for metric in (MulticlassPrecision, MulticlassRecall, MulticlassF1Score)]
     support = torch.bincount(labels, minlength=num_classes).tolist()
-    with open(path, "w", newline="") as file:
+    with written_whole(path) as partial, open(partial, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["class", "precision", "recall", "f1", "support"])
         for name, precision, recall, f1, count in zip(classes, *columns, support):

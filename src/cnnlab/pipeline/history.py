@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
+from ..files import written_whole
+
 COLUMNS = ("train/loss", "train/acc", "val/loss", "val/acc")
 
 
@@ -39,7 +41,7 @@ class EpochHistory(pl.Callback):
         # rewritten every epoch, so an interrupted run still shows its curve so far
         self.path.parent.mkdir(parents=True, exist_ok=True)
         columns = list(dict.fromkeys(key for row in self.rows for key in row))
-        with open(self.path, "w", newline="") as file:
+        with written_whole(self.path) as partial, open(partial, "w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=columns, lineterminator="\n")
             writer.writeheader()
             writer.writerows(self.rows)

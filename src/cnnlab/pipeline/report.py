@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from .. import tracking
 from ..checkpoints import read_checkpoint
 from ..errors import ConfigError
+from ..files import write_text, written_whole
 from ..evaluation.ensemble import is_member_name
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,8 @@ def accuracy_chart(path: Path, members: list[Member], ensemble: dict) -> Path:
     axes.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     axes.set_ylabel("test top-1 accuracy")
     axes.legend(loc="upper left", fontsize=8, frameon=False, ncols=3)
-    figure.savefig(path, dpi=110)
+    with written_whole(path) as partial:
+        figure.savefig(partial, dpi=110)
     return path
 
 
@@ -193,7 +195,8 @@ def curves_chart(path: Path, pretrain: list[dict], members: list[Member]) -> Pat
         axes.legend(fontsize=8, frameon=False)
     left.set_ylabel("validation accuracy")
     left.set_ylim(0, 1)
-    figure.savefig(path, dpi=110)
+    with written_whole(path) as partial:
+        figure.savefig(partial, dpi=110)
     return path
 
 
@@ -273,8 +276,8 @@ def report(cfg: DictConfig) -> Path:
         files = [accuracy_chart(out / "accuracy.png", members, ensemble),
                  curves_chart(out / "curves.png", read_history(results / "pretrain" / "history.csv"), members)]
         text = markdown(cfg.experiment, pretrain, pretrain_run, members, ensemble, ensemble_run, results, out)
-        (out / "report.md").write_text(text)
-        (out / "report.html").write_text(html(text, f"Pipeline report: {cfg.experiment}"))
+        write_text(out / "report.md", text)
+        write_text(out / "report.html", html(text, f"Pipeline report: {cfg.experiment}"))
         files += [out / "report.md", out / "report.html"]
         if logger is not None:
             log_run(logger, pretrain, members, ensemble, files)

@@ -22,11 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import tracking
 from ..checkpoints import read_checkpoint
-from ..tracking import relative
 from ..data import ImageDataModule
 from ..data.datamodule import per_process_batch
 from ..errors import ConfigError
+from ..files import write_text
 from ..launch import is_first_process
+from ..tracking import relative
 from .callbacks import NonFiniteLoss
 from .features import train_on_cached_features
 from .module import ImageClassifier
@@ -163,7 +164,7 @@ def train(cfg: DictConfig) -> float:
         results = trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
         if trainer.is_global_zero:  # one summary per run, however many processes train it
             if run_folder() is not None:  # the run's summary, also what DVC reads as the stage's metrics
-                (run_folder() / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+                write_text(run_folder() / "metrics.json", json.dumps(results, indent=2, sort_keys=True))
             report(results, trainer)
     return results["test/acc"]
 

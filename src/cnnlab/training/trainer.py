@@ -4,7 +4,6 @@ Lightning leaves to the model: channels-last memory and ``torch.compile``."""
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
 from ..errors import ConfigError, RunFailed
+from ..files import written_whole
 
 
 class ChannelsLastAndCompile(pl.Callback):
@@ -44,18 +44,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = Path(path)
-        partial = path.with_name(f".{path.name}.partial")
-        try:
-            super().save_checkpoint(checkpoint, partial, storage_options)
-        except (OSError, RuntimeError) as error:
-            free = shutil.disk_usage(path.parent).free  # measured before the partial file is removed
-            partial.unlink(missing_ok=True)
-            if free < DISK_NEARLY_FULL or getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
-                raise RunFailed(f"no space left on the disk of {path.parent} ({free / 2**20:.1f} MiB free) while "
-                                f"writing {path.name}; the run's last whole checkpoint is kept. Free some space "
-                                "(or set paths.output_dir to another disk) and continue the run") from error
-            raise
-        os.replace(partial, path)
+        with written_whole(path) as partial:
+            try:
+                super().save_checkpoint(checkpoint, partial, storage_options)
+            except (OSError, RuntimeError) as error:
+                free = shutil.disk_usage(path.parent).free  # before the partial file is removed
+                if free < DISK_NEARLY_FULL or getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+                    raise RunFailed(f"no space left on the disk of {path.parent} ({free / 2**20:.1f} MiB free) "
+                                    f"while writing {path.name}; the run's last whole checkpoint is kept. Free some "
+                                    "space (or set paths.output_dir to another disk) and continue the run") from error
+                raise
 
 
 # torch reports a full disk as "unexpected pos 576 vs 534", no errno: a failed write that leaves
