@@ -104,20 +104,8 @@ def test_two_prepare_commands_on_a_new_image_folder_decode_it_once_into_one_cach
 
 
 @pytest.mark.slow
-def test_two_prepare_commands_on_the_shapes_generator_generate_once_into_one_cache(tmp_path, compose):
-    args = [f"paths.root_dir={tmp_path}", "data.source.train_size=1000", "data.source.val_size=100",
-            "data.source.test_size=100"]
-    source = instantiate(compose(*args).data.source)
-    alone = instantiate(compose(*args).data.source, root=str(tmp_path / "alone")).prepare()
-    texts = run_two_at_once("prepare.py", args, source.cache_dir, tmp_path / "logs")
-    assert sorted("Generating shapes" in text for text in texts) == [False, True]
-    assert [p.name for p in source.cache_dir.parent.iterdir()] == [source.cache_dir.name]
-    assert cache_files(ImageCache(source.cache_dir)) == cache_files(alone)
-    assert len(alone.split("train").labels) == 1000
-
-
-@pytest.mark.slow
 def test_two_trainings_on_an_unprepared_dataset_share_one_cache(tmp_path, compose):
+    """Two train.py (through the shapes generator, prepared inside the training) as two prepare.py would."""
     args = [*tiny_overrides(tmp_path), "logger=none"]
     source = instantiate(compose(*args).data.source)
     alone = instantiate(compose(*args).data.source, root=str(tmp_path / "alone")).prepare()

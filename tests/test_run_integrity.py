@@ -68,10 +68,7 @@ def test_runs_started_in_the_same_second_get_their_own_folders_and_artifacts(tmp
         run = next(r for r in runs if r.info.run_id == best["mlflow_run_id"])  # the folder's checkpoint is its run's
         assert json.loads((folder / "metrics.json").read_text())["test/acc"] == pytest.approx(
             run.data.metrics["test/acc"])
-    for run in runs:  # every logged checkpoint resolves, through the store, for every run
-        result = run_script("evaluate.py", f"paths.root_dir={tmp_path}", f"ckpt=runs:/{run.info.run_id}",
-                            "logger=none", *tiny_overrides(tmp_path)[1:4])
-        assert result.returncode == 0, result.stderr[-3000:]
+    # (that every run's logged checkpoints download and load: tests/test_concurrency.py, four runs at once)
         assert json.loads(next((tmp_path / "outputs" / "evaluate").glob("*/metrics.json")).read_text())
 
 
