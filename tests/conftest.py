@@ -7,12 +7,17 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-# `pytest -n N` (make test: two workers on two cores): each worker, and every process it starts, gets its
-# share of the cores as torch threads. With a thread per core each, the workers' OpenMP threads spin
-# against each other: measured with test_scaling's DDP test beside test_zoo, 133 s and 3.3 CPU-minutes
-# with two threads each, 78 s and 1.6 CPU-minutes with one. (Set before anything imports torch.)
-_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _workers)))
+
+
+def pytest_configure(config):
+    """`pytest -n N` (make test: two workers on two cores): each worker, and every process it starts, gets its
+    share of the cores as torch threads. With a thread per core each, the workers' OpenMP threads spin
+    against each other: measured with test_scaling's DDP test beside test_zoo, 133 s and 3.3 CPU-minutes
+    with two threads each, 78 s and 1.6 CPU-minutes with one. (Before any test module imports torch.)"""
+    workers = config.getoption("numprocesses", default=None)  # set in pytest-xdist's controller; workers inherit
+    workers = workers if isinstance(workers, int) and workers > 0 else 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
+
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
