@@ -213,9 +213,8 @@ def run_tags(cfg, stage: str, command: str, extra: Mapping[str, str] | None = No
     DVC runs it, ``cnnlab.run_folder``, ``extra`` (e.g. the runs an ensemble averages) and the config's ``tags``
     (``+tags.cnnlab.member=a`` nests, and is tagged ``cnnlab.member``). The git commit comes with the logger.
     """
-    from omegaconf import OmegaConf
-
     from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
 
     tags = {"cnnlab.stage": stage, "cnnlab.command": command, "cnnlab.config_hash": config_hash(cfg)}
     if HydraConfig.initialized():  # where its files are; resume=runs:/<id> continues a training there
