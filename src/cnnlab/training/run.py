@@ -172,10 +172,20 @@ def train(cfg: DictConfig) -> float:
 @contextmanager
 def said_how_to_continue():
     """When training stops early, the command that continues it (not after a non-finite loss: the same
-    run would diverge again from the same state)."""
+    run would diverge again from the same state).
+
+    After Ctrl-C or a stop signal Lightning shuts down gracefully and calls ``sys.exit(1)``; the stop
+    itself goes on from here, so that train.py ends like every other script (one line, the shell's
+    status for that signal; see errors.one_line_errors).
+    """
     try:
         yield
     except NonFiniteLoss:
+        raise
+    except SystemExit as shutdown:
+        say_how_to_continue()
+        if isinstance(shutdown.__context__, KeyboardInterrupt):
+            raise shutdown.__context__ from None
         raise
     except BaseException:
         say_how_to_continue()
