@@ -296,10 +296,15 @@ def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
 
 def command_line() -> str:
     """The command that reproduces this job (for a sweep: this job's overrides, not the sweep's)."""
+    return " ".join(command_words())
+
+
+def command_words() -> list[str]:
+    """``python``, this script relative to the project, and this job's overrides."""
     from hydra.core.hydra_config import HydraConfig
 
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else sys.argv[1:]
-    return " ".join(["python", str(relative(Path(sys.argv[0]))), *overrides])
+    return ["python", str(relative(Path(sys.argv[0]))), *overrides]
 
 
 def relative(path: Path) -> Path:
@@ -347,18 +352,26 @@ def close(logger: Logger | None, status: str) -> None:
         logger.finalize(status)
 
 
-@contextmanager
-def stop_signals_as_ctrl_c() -> Iterator[None]:
+def stop_signals_as_ctrl_c():
     """SIGTERM (what `timeout`, `docker stop`, SLURM's pre-emption and a closed terminal send) stops a script
     the way Ctrl-C does: a training shuts down gracefully and logs its checkpoints; the run is marked KILLED."""
-    def stop(signum, frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+    return stopping_on(signal.SIGTERM)
 
-    previous = signal.signal(signal.SIGTERM, stop)
+
+@contextmanager
+def stopping_on(signum: int, before_stopping=None) -> Iterator[None]:
+    """Within the block, the signal ``signum`` stops the script as Ctrl-C does (a ``KeyboardInterrupt``
+    named after it), once ``before_stopping()`` has run; the previous handler is back afterwards."""
+    def stop(received, frame):
+        if before_stopping is not None:
+            before_stopping()
+        raise KeyboardInterrupt(signal.Signals(received).name)
+
+    previous = signal.signal(signum, stop)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signum, previous)
 
 
 def log_files(logger: MLFlowLogger, files: Iterable[Path]) -> None:

@@ -38,9 +38,8 @@ log = logging.getLogger(__name__)
 
 def continue_command(folder: Path) -> str:
     """The command that continues this run, in ``folder``, from the end of its last completed epoch."""
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
-    words = ["python", str(relative(Path(sys.argv[0]))), *overrides, f"resume={relative(folder)}"]
-    return " ".join(shlex.quote(word) for word in words)
+    words = [word for word in tracking.command_words() if not word.startswith("resume=")]
+    return shlex.join([*words, f"resume={relative(folder)}"])
 
 
 def resume_point(resume: str | None, folder: Path | None) -> tuple[Path | None, str | None]:
@@ -182,13 +181,10 @@ def said_how_to_continue():
         yield
     except NonFiniteLoss:
         raise
-    except SystemExit as shutdown:
+    except BaseException as stopped:
         say_how_to_continue()
-        if isinstance(shutdown.__context__, KeyboardInterrupt):
-            raise shutdown.__context__ from None
-        raise
-    except BaseException:
-        say_how_to_continue()
+        if isinstance(stopped, SystemExit) and isinstance(stopped.__context__, KeyboardInterrupt):
+            raise stopped.__context__ from None
         raise
 
 
@@ -210,17 +206,13 @@ def requeued_by_slurm():
     if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
         job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
 
-    def requeue(signum, frame):
+    def requeue():
         if is_first_process():
             log.warning(f"SLURM's time limit is near: requeueing job {job} (scontrol requeue {job})")
             subprocess.run(["scontrol", "requeue", job], check=False)
-        raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    previous = signal.signal(signal.SIGUSR1, requeue)
-    try:
+    with tracking.stopping_on(signal.SIGUSR1, before_stopping=requeue):
         yield
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
 
 
 def say_how_to_continue() -> None:
