@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: setup train test test-fast ui lock clean params
+.PHONY: setup train test test-fast ui lock clean params study
 
 setup: $(INSTALLED)
 
@@ -35,6 +35,12 @@ ui: setup
 # params.yaml from conf/pipeline.yaml, for `dvc repro` after an edit there (`dvc exp run` composes it itself).
 params: setup
 	$(PY) -m cnnlab.pipeline.params
+
+# One study of the course notes' claims (pipelines/<NAME>/dvc.yaml; docs/studies.md): make study NAME=residual_vs_plain
+STUDIES := $(notdir $(patsubst %/dvc.yaml,%,$(wildcard pipelines/*/dvc.yaml)))
+study: setup
+	@test -n "$(NAME)" -a -f pipelines/$(NAME)/dvc.yaml || { echo "make study NAME=<one of: $(STUDIES)>"; exit 2; }
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro pipelines/$(NAME)/dvc.yaml
 
 # Rewrite constraints.txt from the working venv after a dependency change (then run `make test`).
 lock: setup

@@ -2,11 +2,8 @@
 commands in a temporary git repository, read back from its MLflow store."""
 
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from cnnlab import tracking
 from cnnlab.pipeline.params import compose
 from conftest import CONF_DIR, ROOT
+from dvc_repo import commit_all, copy_project, dvc, git, merge, stages_run
 
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -124,62 +122,16 @@ TINY = {"num_workers": 0,
 MEMBER_STAGES = {"train@a", "evaluate@a", "ensemble", "report"}
 
 
-def merge(config: dict, changes: dict) -> None:
-    for key, value in changes.items():
-        if isinstance(value, dict):
-            merge(config[key], value)
-        else:
-            config[key] = value
-
-
 def project_copy(root: Path) -> Path:
-    """The project's files (those git would commit) in a new git repository, with a tiny conf/pipeline.yaml.
-
-    The committed results of the default pipeline (dvc.lock, results/) stay behind: the tiny
-    pipeline starts from code alone, as a project before its first `dvc repro`.
-    """
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for name in filter(None, files):
-        if name == "dvc.lock" or name.startswith("results/"):
-            continue
-        if (ROOT / name).is_file():  # ls-files still lists a file deleted but not yet committed
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, root / name)
+    """The project's code in a new git repository, with a tiny conf/pipeline.yaml: a project before its
+    first `dvc repro` (the committed results of the default pipeline stay behind)."""
+    copy_project(root)
     config = yaml.safe_load((root / "conf" / "pipeline.yaml").read_text())
     merge(config, TINY)
     (root / "conf" / "pipeline.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     (root / "params.yaml").write_text(compose(root / "conf"))
-    git(root, "init", "-q")
-    git(root, "add", "-A")
-    git(root, "commit", "-q", "-m", "tiny pipeline")
+    commit_all(root, "tiny pipeline")
     return root
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, env=environment(), capture_output=True, text=True,
-                          check=True).stdout.strip()
-
-
-def environment() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI" and not k.startswith("DVC_")}
-    identity = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-                "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
-    # stages run `python ...`: this interpreter's environment first
-    return {**env, **identity, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-            "NO_ALBUMENTATIONS_UPDATE": "1", "DVC_NO_ANALYTICS": "1"}
-
-
-def dvc(repo: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    dvc_exe = Path(sys.executable).parent / "dvc"
-    result = subprocess.run([str(dvc_exe), *args], cwd=repo, env=environment(), capture_output=True, text=True,
-                            timeout=timeout)
-    assert result.returncode == 0, f"dvc {' '.join(args)}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result
-
-
-def stages_run(result: subprocess.CompletedProcess) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", result.stdout + result.stderr))
 
 
 ALL_STAGES = {"prepare@source", "prepare@target", "pretrain", "train@a", "train@b", "evaluate@a", "evaluate@b",

@@ -402,6 +402,10 @@ class Report(Tracked):
     """The result folders are checked by pipeline/report.py, which says which stage to run."""
 
 
+class Study(Tracked):
+    """The study's params and trial folders are checked by studies/summary.py, which says which stage to run."""
+
+
 class Prepare(Section):
     data: PreparedData = None
 

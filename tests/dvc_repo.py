@@ -1,0 +1,70 @@
+"""A copy of the project in a new git repository, and real `git` and `dvc` commands run in it
+(the main pipeline's tests and the studies' tests)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+
+def is_result(name: str) -> bool:
+    """The default runs' results (dvc.lock, results/ folders): a copy starts from code alone."""
+    parts = Path(name).parts
+    return parts[-1] == "dvc.lock" or "results" in parts[:-1] and parts[0] in ("results", "pipelines")
+
+
+def copy_project(root: Path) -> Path:
+    """The files git would commit, less the results, into ``root`` (not yet a repository)."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, files):
+        if not is_result(name) and (ROOT / name).is_file():  # ls-files still lists a file deleted, not committed
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, root / name)
+    return root
+
+
+def commit_all(repo: Path, message: str) -> None:
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", message)
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, env=environment(), capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def environment() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI" and not k.startswith("DVC_")}
+    identity = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+                "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
+    # stages run `python ...`: this interpreter's environment first
+    return {**env, **identity, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+            "NO_ALBUMENTATIONS_UPDATE": "1", "DVC_NO_ANALYTICS": "1"}
+
+
+def dvc(repo: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    dvc_exe = Path(sys.executable).parent / "dvc"
+    result = subprocess.run([str(dvc_exe), *args], cwd=repo, env=environment(), capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, f"dvc {' '.join(args)}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def stages_run(result: subprocess.CompletedProcess) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", result.stdout + result.stderr))
+
+
+def merge(config: dict, changes: dict) -> None:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            merge(config[key], value)
+        else:
+            config[key] = value
