@@ -68,3 +68,15 @@ def merge(config: dict, changes: dict) -> None:
             merge(config[key], value)
         else:
             config[key] = value
+
+
+def stage_keys(name: str, stage: dict) -> tuple[set[str], set[str]]:
+    """The params keys a stage's command interpolates, and those it lists (``item.`` spelled out)."""
+    collection = stage["foreach"].strip("${}") if "foreach" in stage else None
+    body = stage.get("do", stage)
+
+    def spelled(key: str) -> str:
+        return re.sub(r"^item\b", f"{collection}.${{key}}", key) if collection else key
+
+    used = {spelled(key) for key in re.findall(r"(?<!\\)\$\{([^}]+)\}", body["cmd"]) if key != "key"}
+    return used, {spelled(key) for key in body.get("params", [])}

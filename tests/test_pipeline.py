@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from cnnlab import tracking
 from cnnlab.pipeline.params import compose
 from conftest import CONF_DIR, ROOT
-from dvc_repo import commit_all, copy_project, dvc, git, merge, stages_run
+from dvc_repo import commit_all, copy_project, dvc, git, merge, stage_keys, stages_run
 
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -36,18 +36,6 @@ def test_dvc_composes_params_yaml_from_conf_pipeline():
 
     hydra = Repo(str(ROOT)).config["hydra"]
     assert hydra["enabled"] and hydra["config_name"] == "pipeline" and hydra.get("config_dir", "conf") == "conf"
-
-
-def stage_keys(name: str, stage: dict) -> tuple[set[str], set[str]]:
-    """The params keys a stage's command interpolates, and those it lists (``item.`` spelled out)."""
-    collection = stage["foreach"].strip("${}") if "foreach" in stage else None
-    body = stage.get("do", stage)
-
-    def spelled(key: str) -> str:
-        return re.sub(r"^item\b", f"{collection}.${{key}}", key) if collection else key
-
-    used = {spelled(key) for key in re.findall(r"(?<!\\)\$\{([^}]+)\}", body["cmd"]) if key != "key"}
-    return used, {spelled(key) for key in body.get("params", [])}
 
 
 @pytest.mark.parametrize("name", list(DVC_YAML["stages"]))

@@ -7,7 +7,7 @@ from cnnlab.models.blocks import BasicBlock
 from cnnlab.studies.residual_vs_plain import block_changes, weight_layers
 from study_runs import check_study, claims, run_study
 
-TINY = {"data": {"image_size": 32, "train_size": 40, "val_size": 20, "test_size": 20}, "epochs": 1,
+TINY = {"data": "data=shapes data.source.train_size=40 data.source.val_size=20 data.source.test_size=20", "epochs": 1,
         "trials": {"plain_8": {"residual": False, "depth": 1}, "residual_8": {"residual": True, "depth": 1}}}
 
 

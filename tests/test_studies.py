@@ -1,0 +1,62 @@
+"""What every study under pipelines/ shares, without running one: its files, its params, its docs."""
+
+import re
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from dvc_repo import stage_keys
+from study_runs import claims
+
+STUDIES = sorted(path.parent.name for path in (ROOT / "pipelines").glob("*/dvc.yaml"))
+DOCS = (ROOT / "docs" / "studies.md").read_text() if (ROOT / "docs" / "studies.md").is_file() else ""
+
+
+def stages(study: str) -> dict:
+    return yaml.safe_load((ROOT / "pipelines" / study / "dvc.yaml").read_text())["stages"]
+
+
+def test_there_are_the_seven_studies_of_issue_13():
+    assert len(STUDIES) >= 1  # grows to the seven as they land
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_a_study_has_params_a_summary_config_and_a_summary_stage(study):
+    params = yaml.safe_load((ROOT / "pipelines" / study / "params.yaml").read_text())
+    assert params["study"] == study
+    config = yaml.safe_load((ROOT / "conf" / "study" / f"{study}.yaml").read_text())
+    assert config["name"] == study and config["measure"]["_target_"] == f"cnnlab.studies.{study}.measure"
+    summary = stages(study)["summary"]
+    assert "../../src/study.py study=${study}" in summary["cmd"]
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_each_stage_lists_exactly_the_params_its_command_uses(study):
+    for name, stage in stages(study).items():
+        used, listed = stage_keys(name, stage)
+        covered = {key for key in used if any(key == p or key.startswith(p + ".") for p in listed)}
+        assert covered == used, f"{study}:{name}: its command uses {sorted(used - covered)}, not in its params:"
+        if name != "summary":  # the summary reads the study's params.yaml itself
+            unused = {p for p in listed if not any(key == p or key.startswith(p + ".") for key in used)}
+            assert not unused, f"{study}:{name}: params: lists {sorted(unused)}, which its command does not use"
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_each_stage_logs_into_the_studys_experiment_in_the_projects_store(study):
+    for name, stage in stages(study).items():
+        cmd = stage.get("do", stage)["cmd"]
+        assert r"'paths.root_dir=\${oc.env:DVC_ROOT,.}'" in cmd, name
+        if name != "summary":  # the summary's experiment is study-<name> by its config
+            assert "experiment=study-${study}" in cmd and ("+tags.cnnlab.study=${study}" in cmd
+                                                           or "prepare.py" in cmd), name
+
+
+@pytest.mark.parametrize("study", [s for s in STUDIES if (ROOT / "pipelines" / s / "results/summary/summary.md").is_file()])
+def test_docs_open_with_every_studys_measured_claims(study):
+    summary = (ROOT / "pipelines" / study / "results/summary/summary.md").read_text()
+    for claim, measured, verdict in claims(summary):
+        row = re.escape(f"| {claim} | {measured} | **{verdict}** |")
+        assert re.search(rf"^\| \[{study}\]\(#{study}\) {row}$", DOCS, re.MULTILINE), \
+            f"docs/studies.md lacks {study}'s row for: {claim} (copy it from {study}'s summary.md)"
+    assert f"../pipelines/{study}/results/summary/summary.png" in DOCS
