@@ -134,6 +134,11 @@ class ShapesSource(Section):
     val_size: Count = None
     test_size: Count = None
     seed: Seed = None
+    radius: rule("[low, high]: the shapes' radius as fractions of the image side, 0 < low <= high <= 0.5",
+                 lambda v: is_numbers(v, 2) and 0 < v[0] <= v[1] <= 0.5) = None
+    max_offset: rule("null (a shape anywhere it fits) or a number from 0 to 0.5: how far its centre may be "
+                     "from the image's centre, as a fraction of the side",
+                     lambda v: v is None or is_number(v) and 0 <= v <= 0.5) = None
 
 
 class ImageFolderSource(Section):

@@ -151,13 +151,28 @@ def _shape_color(rng: np.random.Generator, background: np.ndarray) -> tuple[int,
     return tuple(int(c) for c in color)
 
 
-def render(rng: np.random.Generator, shape: str, size: int) -> np.ndarray:
-    """One (size, size, 3) uint8 image of a shape."""
+# Where a shape goes by default: a radius of 24-42% of the image side, anywhere it (nearly) fits.
+RADIUS = (0.24, 0.42)
+
+
+def render(rng: np.random.Generator, shape: str, size: int, radius_range=RADIUS,
+           max_offset: float | None = None) -> np.ndarray:
+    """One (size, size, 3) uint8 image of a shape.
+
+    ``radius_range``: the shape's radius (its circumscribed circle) as a fraction of the image side.
+    ``max_offset``: None puts the shape anywhere it fits; a number keeps its centre within that
+    fraction of the side from the image's centre on each axis (objects that fill the centre, as in
+    ImageNet's photos). Either way the random numbers are drawn in the same order and number, and the
+    defaults draw exactly what the generator always drew: the same settings give the same bytes.
+    """
     supersample = max(2, 128 // size)  # a canvas of about 128 px is plenty for smooth edges, and cheap
     big = size * supersample
     canvas = _texture(rng, big)
-    radius = rng.uniform(0.24, 0.42) * big
-    center = rng.uniform(radius * 0.8, big - radius * 0.8, size=2)
+    radius = rng.uniform(*radius_range) * big
+    if max_offset is None:
+        center = rng.uniform(radius * 0.8, big - radius * 0.8, size=2)
+    else:
+        center = big / 2 + rng.uniform(-max_offset, max_offset, size=2) * big
     angle = rng.uniform(0, 2 * np.pi)
     draw = SHAPES[shape]
     draw(canvas, center, radius, angle, _shape_color(rng, canvas))
@@ -173,14 +188,26 @@ def check_classes(classes) -> None:
                           f"got {list(classes)}")
 
 
-def generate_split(num_images: int, classes: list[str], size: int, seed: int, progress=None) -> tuple[np.ndarray, np.ndarray]:
-    """Balanced, shuffled images and labels (indices into ``classes``) of one split, reproducible from ``seed``."""
+def check_placement(radius_range, max_offset) -> None:
+    low, high = radius_range
+    if not 0 < low <= high <= 0.5:
+        raise ConfigError(f"data.source.radius must be [low, high] with 0 < low <= high <= 0.5 (fractions of the "
+                          f"image side); got {list(radius_range)}")
+    if max_offset is not None and not 0 <= max_offset <= 0.5:
+        raise ConfigError(f"data.source.max_offset must be null (anywhere) or from 0 to 0.5 (a fraction of the "
+                          f"image side); got {max_offset}")
+
+
+def generate_split(num_images: int, classes: list[str], size: int, seed: int, progress=None,
+                   radius_range=RADIUS, max_offset: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Balanced, shuffled images and labels (indices into ``classes``) of one split, reproducible from ``seed``
+    (``radius_range``, ``max_offset``: where the shapes go, see ``render``)."""
     check_classes(classes)
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(num_images) % len(classes)).astype(np.int64)
     images = np.empty((num_images, size, size, 3), np.uint8)
     for i, label in enumerate(labels):
-        images[i] = render(rng, classes[label], size)
+        images[i] = render(rng, classes[label], size, radius_range, max_offset)
         if progress is not None:
             progress.update(1)
     return images, labels

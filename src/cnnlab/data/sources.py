@@ -15,12 +15,20 @@ class ShapesSource:
     """The generated shapes dataset (see shapes.py), prepared once per distinct setting."""
 
     def __init__(self, root: str | Path, classes: Sequence[str], image_size: int = 32,
-                 train_size: int = 5000, val_size: int = 1000, test_size: int = 1000, seed: int = 0):
+                 train_size: int = 5000, val_size: int = 1000, test_size: int = 1000, seed: int = 0,
+                 radius: Sequence[float] = shapes.RADIUS, max_offset: float | None = None):
         classes = list(classes)
         shapes.check_classes(classes)
+        radius = tuple(float(r) for r in radius)
+        shapes.check_placement(radius, max_offset)
         self.root = Path(root)
+        self.placement = {"radius_range": radius, "max_offset": max_offset}
         self.settings = {"generator": "shapes-v1", "classes": classes, "image_size": image_size,
                          "sizes": {"train": train_size, "val": val_size, "test": test_size}, "seed": seed}
+        # Only a placement other than the default enters the settings, so every cache made before these
+        # options existed keeps its hash (its folder name) and its bytes.
+        if (radius, max_offset) != (shapes.RADIUS, None):
+            self.settings["placement"] = {"radius": list(radius), "max_offset": max_offset}
 
     @property
     def cache_dir(self) -> Path:
@@ -36,7 +44,8 @@ class ShapesSource:
             # Each split has its own seed so that changing one split's size leaves the others as they were.
             for offset, (split, size) in enumerate(s["sizes"].items()):
                 splits[split] = shapes.generate_split(size, s["classes"], s["image_size"],
-                                                      seed=s["seed"] * 1000 + offset, progress=progress)
+                                                      seed=s["seed"] * 1000 + offset, progress=progress,
+                                                      **self.placement)
         write_cache(self.cache_dir, splits, {"classes": s["classes"], "source": s})
 
 

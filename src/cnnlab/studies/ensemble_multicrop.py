@@ -45,9 +45,9 @@ class Member:
 
     @property
     def label(self) -> str:
-        width = self.settings.get("width")
-        return f"{self.settings['model']}" + (f" x{width}" if width not in (None, 1, 1.0) else "") + \
-            f", seed {self.settings['seed']}"
+        """The architecture and seed: "resnet_small, width x0.5, depth x2, seed 2"."""
+        scaled = [f"{what} x{self.settings[what]}" for what in ("width", "depth") if what in self.settings]
+        return ", ".join([self.settings["model"], *scaled, f"seed {self.settings['seed']}"])
 
 
 @dataclass
