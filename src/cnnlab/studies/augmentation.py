@@ -88,11 +88,19 @@ def measure(params: dict, trials: list[Trial], distortions: Mapping[str, list[st
     notes = [f"{len(baseline.trials)} seed(s) without augmentation: test accuracy "
              f"{', '.join(pct(a) for a in baseline.accuracies)}; a difference counts when larger than "
              f"{points(threshold)} (their spread, at least {points(min_effect)}).",
+             overfitting(baseline),
              "Train accuracy is the last epoch's, on the training images as the training saw them (distorted); "
              "best val is the highest validation accuracy over the epochs (the checkpoint tested)."]
     return Summary("Data augmentation, one distortion at a time", claims,
                    table(baseline, groups, effects), plot(baseline, groups, threshold),
                    metrics(baseline, groups, threshold), notes)
+
+
+def overfitting(baseline: Group) -> str:
+    """Whether the setting is one where augmentation can pay: without it, the net fits its images better than new ones."""
+    train = mean(float(t.last_epoch.get("train_acc", "nan")) for t in baseline.trials)
+    return (f"Without augmentation the net ends at {pct(train)} training accuracy and {pct(baseline.accuracy)} test "
+            f"accuracy: a gap of {points(train - baseline.accuracy)}, what augmentation is meant to close.")
 
 
 def overall_claim(groups: dict[str, Group], baseline: Group, effects: dict[str, str]) -> Claim:
@@ -123,7 +131,8 @@ def distortion_claim(notes_name: str, groups: list[Group], baseline: Group, effe
 def table(baseline: Group, groups: dict[str, Group], effects: dict[str, str]) -> str:
     rows = [row(baseline, baseline, "baseline")]
     rows += [row(group, baseline, effects[name]) for name, group in groups.items()]
-    return markdown_table(["augment", "seeds", "test accuracy", "vs none", "train accuracy", "best val", "effect"], rows)
+    return markdown_table(["augment", "seeds", "test accuracy (± half the seed spread)", "vs none", "train accuracy",
+                           "best val", "effect"], rows)
 
 
 def row(group: Group, baseline: Group, effect_name: str) -> list:
