@@ -17,7 +17,7 @@ STUDY = ROOT / "pipelines" / "augmentation"
 PARAMS = yaml.safe_load((STUDY / "params.yaml").read_text())
 POLICIES = ("none", "light", "standard", "heavy")
 
-TINY = {"data": {**PARAMS["data"], "train_size": 40, "val_size": 20, "test_size": 20}, "epochs": 1,
+TINY = {"data": "data=shapes data.source.train_size=40 data.source.val_size=20 data.source.test_size=20", "epochs": 1,
         "trials": {"none": PARAMS["trials"]["none"], "crop": PARAMS["trials"]["crop"]}}
 
 
