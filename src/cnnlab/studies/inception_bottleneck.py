@@ -273,7 +273,9 @@ def plot(example: dict, pairs: list[dict], network: dict, trained: list[dict]):
         by_module.bar([i + offset for i in range(len(rows))], [r["macs"][kind] / 1e6 for r in rows], 0.4,
                       color=COLOURS[kind], label=kind if kind == WITH else "without 1x1")
     by_module.set_xticks(range(len(rows)), names, fontsize=7)
-    by_module.set(ylabel="multiply-adds per image (M)", title="inception modules at full width, 224 px")
+    _, channels, height, width = pairs[0]["shape"]
+    by_module.set(ylabel="multiply-adds per image (M)",
+                  title=f"inception modules at full width ({pairs[0]['name']} sees {height}x{width}x{channels})")
 
     compared = [("notes' example", example), ("module 3a" if pairs[0]["name"] == "3a" else "first module", pairs[0]),
                 ("trained network", network)]
