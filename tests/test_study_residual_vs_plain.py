@@ -1,4 +1,7 @@
-"""pipelines/residual_vs_plain: tiny, end to end; and its two measurements against facts of their own."""
+"""pipelines/residual_vs_plain: tiny, end to end on real photographs (as a user's own images), and its two
+measurements against facts of their own."""
+
+import json
 
 import pytest
 import torch
@@ -6,19 +9,24 @@ import torch
 from cnnlab.models.blocks import BasicBlock
 from cnnlab.studies.residual_vs_plain import block_changes, weight_layers
 from study_runs import check_study, claims, run_study
-
-TINY = {"data": "data=shapes data.source.train_size=40 data.source.val_size=20 data.source.test_size=20", "epochs": 1,
-        "trials": {"plain_8": {"residual": False, "depth": 1}, "residual_8": {"residual": True, "depth": 1}}}
+from test_real_images import build, crops  # noqa: F401 (crops: a fixture)
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    return run_study(tmp_path_factory.mktemp("study"), "residual_vs_plain", TINY)
+def study(tmp_path_factory, crops):
+    """The study as docs/studies.md says to run it on one's own images: a folder in a Kaggle-like layout."""
+    images = build(tmp_path_factory.mktemp("photos"), crops, {"train": 20, "test": 8})
+    tiny = {"data": f"data=imagefolder data.source.root={images} data.source.stored_size=32 data.image_size=32",
+            "epochs": 1,
+            "trials": {"plain_8": {"residual": False, "depth": 1}, "residual_8": {"residual": True, "depth": 1}}}
+    return run_study(tmp_path_factory.mktemp("study"), "residual_vs_plain", tiny)
 
 
 @pytest.mark.slow
 def test_the_study_runs_and_summarises(study):
     check_study(study, expected_claims=3)
+    meta = json.loads(next((study.folder / "results/data").glob("*/meta.json")).read_text())
+    assert meta["classes"] == ["china", "flower", "hopper"]  # the photographs, cached in the study's folder
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in study.summary.splitlines()
             if line.startswith(("| plain_8 ", "| residual_8 "))}
     assert set(rows) == {"plain_8", "residual_8"}

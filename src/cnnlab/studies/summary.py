@@ -101,9 +101,9 @@ def machine() -> str:
     """The machine the figures were measured on, for the summary's last line."""
     import torch
 
-    processor = platform.processor() or platform.machine()
+    processor, threads = platform.processor() or platform.machine(), torch.get_num_threads()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
-    return f"{device} ({processor}, torch {torch.__version__}, {torch.get_num_threads()} threads)"
+    return f"{device} ({processor}, torch {torch.__version__}, {threads} torch thread{'s' if threads > 1 else ''})"
 
 
 def claims_table(claims: list[Claim]) -> str:
@@ -117,7 +117,7 @@ def markdown(summary: Summary, picture: str, command: str) -> str:
     notes = "".join(f"- {line}\n" for line in summary.notes)
     return (f"# {summary.title}\n\n{claims_table(summary.claims)}\n{notes and notes + chr(10)}"
             f"{summary.table.rstrip()}\n\n![{summary.title}]({picture})\n\n"
-            f"Command: `{command}`. Machine: {machine()}.\n")
+            f"Reproduce: `{command}`. Measured on {machine()}.\n")
 
 
 def write(summary: Summary, folder: Path, command: str) -> list[Path]:
@@ -170,7 +170,7 @@ def summarise(cfg: DictConfig, measure: Callable[[dict, list[Trial]], Summary]) 
         summary = measure(params, trials)
         if runs:
             summary.notes.append(time_taken(list(runs.values())))
-        files = write(summary, output, tracking.command_line())
+        files = write(summary, output, f"make study NAME={cfg.study.name}")
         if logger is not None:
             logger.log_hyperparams(tracking.flatten({k: v for k, v in params.items() if k != "trials"}))
             logger.log_metrics(summary.metrics)
