@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from cnnlab.analysis.cost import count_macs, stage_costs, total_row
-from cnnlab.studies.separable_cost import (NOTES_EXAMPLE, Layer, calls_per_block, normal_conv, normal_twin,
-                                           separable_conv, spread, timed_samples)
+from cnnlab.studies.separable_cost import NOTES_EXAMPLE, Layer, normal_conv, normal_twin, separable_conv
+from cnnlab.studies.timing import calls_per_block, spread, timed_samples
 from study_runs import check_study, claims, run_study
 
 TINY = {"layers": {"size": 8, "channels": [4, 8], "kernels": [3]},
@@ -80,7 +80,7 @@ def instantiate(model):
 def test_timing_blocks_last_long_enough_and_interleave(monkeypatch):
     """On a clock that only the calls move (1 ms each): blocks double to the minimum, samples are per call."""
     clock, order = [0.0], []
-    monkeypatch.setattr("cnnlab.studies.separable_cost.time.perf_counter", lambda: clock[0])
+    monkeypatch.setattr("cnnlab.studies.timing.time.perf_counter", lambda: clock[0])
 
     def call(name):
         def tick():

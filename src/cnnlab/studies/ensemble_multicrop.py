@@ -79,7 +79,6 @@ def measure(params: dict, trials: list, results_dir: str = "results", data_dir: 
     views = {mode: view_count(mode, images.shape[-1]) for mode in modes}
     found = [read_task(results, task, (descriptions or {}).get(task, task), modes, member_names)
              for task in tasks]
-    nest_every_job(f"study-{params['study']}")
     claims = [ensembling_claim(found, len(members))] + [multicrop_claim(task, multicrop_mode, views) for task in found]
     notes = [
         f"Each task: {len(members)} members, each trained once and tested on the same images with each mode: "
@@ -155,31 +154,6 @@ def view_count(mode: str, image_size: int) -> int:
 
     options = yaml.safe_load((Path(__file__).parents[3] / "conf" / "tta" / f"{mode}.yaml").read_text())
     return len(tta_views(image_size, **options))
-
-
-def nest_every_job(experiment_name: str) -> None:
-    """The summary nests the newest run of each DVC stage under the study's run; a stage here is a Hydra
-    sweep with a run per job, so nest the newest run of each job's folder under the same parent."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(mlflow.get_tracking_uri())
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:  # tracking off
-        return
-    newest: dict[tuple[str, str], object] = {}
-    parents: dict[str, str] = {}
-    for run in client.search_runs([experiment.experiment_id], "", order_by=["attributes.start_time DESC"]):
-        tags = run.data.tags
-        stage, folder = tags.get("cnnlab.dvc.stage"), tags.get("cnnlab.run_folder")
-        if stage and folder and (stage, folder) not in newest:
-            newest[stage, folder] = run
-        if stage and "mlflow.parentRunId" in tags and stage not in parents:
-            parents[stage] = tags["mlflow.parentRunId"]  # what the summary gave the stage's newest run
-    for (stage, _), run in newest.items():
-        parent = parents.get(stage)
-        if parent and run.data.tags.get("mlflow.parentRunId") != parent:
-            client.set_tag(run.info.run_id, "mlflow.parentRunId", parent)
 
 
 # ---- claims ---------------------------------------------------------------------------------------------

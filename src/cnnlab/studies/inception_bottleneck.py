@@ -22,7 +22,8 @@ from ..analysis.cost import count_macs, stage_costs, total_row
 from ..evaluation.evaluate import load_checkpoint
 from ..models.blocks import Inception
 from ..models.net import count_parameters
-from .separable_cost import about_ten, forward, spread, timed_samples
+from .separable_cost import about_ten
+from .timing import forward, spread, timed_samples
 from .summary import Claim, Summary, Trial, figure, markdown_table, prepared_data
 
 GOOGLENET_NAMES = ("3a", "3b", "4a", "4b", "4c", "4d", "4e", "5a", "5b")   # the paper's names, in order

@@ -11,8 +11,6 @@ A whole-network line compares ``mobilenet_v1`` with its twin whose blocks are no
 from __future__ import annotations
 
 import statistics
-import time
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +19,7 @@ from torch import nn
 from ..analysis.cost import count_macs, stage_costs, total_row
 from ..models.blocks import ConvBnAct, DepthwiseSeparable
 from .summary import Claim, Summary, figure, markdown_table
+from .timing import forward, spread, timed_samples
 
 ABOUT = 1.5   # "~10 times" holds for a saving within a factor 1.5 of 10 (6.7x to 15x)
 EXACT = 1e-9  # counted ratio against the formula: integers of the same layer, nothing to round
@@ -67,52 +66,6 @@ def padded(module: nn.Module, padding: str) -> nn.Module:
         for conv in (m for m in module.modules() if isinstance(m, nn.Conv2d)):
             conv.padding = (0, 0)
     return module.eval()   # inference: BatchNorm on its running statistics, as a deployed MobileNet
-
-
-# Timing ------------------------------------------------------------------------------------------
-
-def timed_samples(candidates: Mapping[str, Callable[[], object]], repeats: int,
-                   min_block_s: float) -> dict[str, list[float]]:
-    """Seconds per call of each candidate, one sample per timed block: ``repeats`` blocks each, interleaved
-    (a, b, c, a, b, c, ...), so that a change in the machine's load falls on every candidate alike.
-
-    Each candidate is warmed up first (the first calls allocate and choose kernels) and a block makes as
-    many calls as last ``min_block_s``, so that the clock's resolution and one-off stalls weigh little.
-    The median of the samples is the figure to use; their spread says how noisy the machine was.
-    """
-    calls = {name: calls_per_block(fn, min_block_s) for name, fn in candidates.items()}
-    samples = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            for _ in range(calls[name]):
-                fn()
-            samples[name].append((time.perf_counter() - start) / calls[name])
-    return samples
-
-
-def calls_per_block(fn: Callable[[], object], min_block_s: float) -> int:
-    """Warm ``fn`` up, then double the calls until a block of them lasts ``min_block_s``."""
-    fn()
-    calls = 1
-    while True:
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        if time.perf_counter() - start >= min_block_s:
-            return calls
-        calls *= 2
-
-
-def spread(samples: list[float]) -> float:
-    """Interquartile range over the median: 0.05 means the middle half of the blocks lay within 5%."""
-    low, _, high = statistics.quantiles(samples, n=4, method="inclusive")
-    return (high - low) / statistics.median(samples)
-
-
-def forward(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
-    """One forward pass, to be timed (under ``torch.inference_mode``: no autograd bookkeeping)."""
-    return lambda: module(x)
 
 
 # The layers --------------------------------------------------------------------------------------

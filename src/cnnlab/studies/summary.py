@@ -130,26 +130,27 @@ def write(summary: Summary, folder: Path, command: str) -> list[Path]:
             write_text(folder / "summary.json", json.dumps(summary.metrics, indent=2, sort_keys=True) + "\n")]
 
 
-def stage_runs(client, experiment_name: str, own_run_id: str) -> dict[str, object]:
-    """The newest run of each of the study's DVC stages (their ``cnnlab.dvc.stage`` tag): the runs behind its
-    current results. Runs made outside DVC have no stage and are left alone."""
+def stage_runs(client, experiment_name: str, own_run_id: str) -> dict[tuple[str, str], object]:
+    """The newest run of each of the study's DVC stages and run folders (their ``cnnlab.dvc.stage`` and
+    ``cnnlab.run_folder`` tags; a stage that sweeps has a folder per job): the runs behind its current
+    results. Runs made outside DVC have no stage and are left alone."""
     experiment = client.get_experiment_by_name(experiment_name)
     newest = {}
     if experiment is None:
         return newest
     for run in client.search_runs([experiment.experiment_id], "", order_by=["attributes.start_time DESC"]):
-        stage = run.data.tags.get("cnnlab.dvc.stage")
-        if stage and run.info.run_id != own_run_id and stage not in newest:
-            newest[stage] = run
+        key = (run.data.tags.get("cnnlab.dvc.stage"), run.data.tags.get("cnnlab.run_folder", ""))
+        if key[0] and run.info.run_id != own_run_id and key not in newest:
+            newest[key] = run
     return newest
 
 
-def nest(client, runs: dict[str, object], parent_id: str, trials: list[Trial]) -> None:
+def nest(client, runs: dict[tuple[str, str], object], parent_id: str, trials: list[Trial]) -> None:
     """Each stage's run under the study's run in the UI (``mlflow.parentRunId``); each trial given its training's run."""
-    for stage, run in runs.items():
+    for run in runs.values():
         client.set_tag(run.info.run_id, "mlflow.parentRunId", parent_id)
     for trial in trials:
-        trial.run = next((run for stage, run in runs.items() if stage.endswith(f"train@{trial.key}")), None)
+        trial.run = next((run for (stage, _), run in runs.items() if stage.endswith(f"train@{trial.key}")), None)
 
 
 def time_taken(runs: list) -> str:
