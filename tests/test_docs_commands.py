@@ -571,6 +571,9 @@ REDUCED: dict[str, Reduced] = {
     "make lock": Reduced("rewrites constraints.txt, a tracked file", make_dry_run),
     "make setup": Reduced("installs packages (no internet here; the venv exists)", make_dry_run),
     "make ui": Reduced("serves the MLflow UI until stopped", make_dry_run),
+    "make study NAME=residual_vs_plain": Reduced(
+        "a study's default run takes minutes (tests/test_study_*.py run each study tiny with real `dvc repro`)",
+        make_dry_run),
     "source .venv/bin/activate": Reduced(
         "changes only the shell it runs in: checked that it puts the venv's python, dvc and mlflow first",
         shell("source .venv/bin/activate && for p in python dvc mlflow; do "
