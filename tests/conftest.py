@@ -57,6 +57,24 @@ def compose():
     return _compose
 
 
+@pytest.fixture
+def run_config(compose):
+    """A composed config as a run sees it: ${hydra:...} resolves (Hydra's state is set, as in a run), no hydra node."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    def _config(*overrides):
+        cfg = compose(*overrides, return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(Path(cfg.hydra.run.dir).resolve())  # as in a run
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
+
+    return _config
+
+
 # Checkpoints hold plain values only ---------------------------------------------------------------
 # Lightning reads checkpoints with torch's default, weights_only=True, and so does cnnlab.checkpoints:
 # a checkpoint holding anything else (a class, a function) would be refused when it is read back.

@@ -19,11 +19,15 @@ def is_result(name: str) -> bool:
     return parts[-1] == "dvc.lock" or "results" in parts[:-1] and parts[0] in ("results", "pipelines")
 
 
-def copy_project(root: Path) -> Path:
-    """The files git would commit, less the results, into ``root`` (not yet a repository)."""
+def copy_project(root: Path, studies: tuple[str, ...] = ()) -> Path:
+    """The files git would commit, less the results and the studies not named (DVC reads every
+    dvc.yaml of a repository), into ``root`` (not yet a repository)."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split("\0")
     for name in filter(None, files):
+        parts = Path(name).parts
+        if parts[0] == "pipelines" and len(parts) > 2 and parts[1] not in studies:
+            continue
         if not is_result(name) and (ROOT / name).is_file():  # ls-files still lists a file deleted, not committed
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, root / name)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,10 +44,7 @@ class StudyRun:
 def run_study(root: Path, name: str, tiny: dict) -> StudyRun:
     """The project's code with the study's params.yaml changed by ``tiny`` (top-level keys replaced whole),
     reproduced twice."""
-    copy_project(root)
-    for other in (root / "pipelines").glob("*/dvc.yaml"):  # DVC reads every dvc.yaml: only this study's
-        if other.parent.name != name:
-            shutil.rmtree(other.parent)
+    copy_project(root, studies=(name,))
     params_file = root / "pipelines" / name / "params.yaml"
     params = {**yaml.safe_load(params_file.read_text()), **tiny}
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))

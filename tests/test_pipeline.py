@@ -59,24 +59,6 @@ def test_the_ensemble_stage_averages_exactly_the_members_in_params():
     assert {f"results/evaluate/{name}" for name in PARAMS["members"]} <= set(stage["deps"])
 
 
-@pytest.fixture
-def run_config(compose):
-    """A composed config as a run sees it: ${hydra:...} resolves, no hydra node."""
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    def _config(*overrides):
-        cfg = compose(*overrides, return_hydra_config=True)
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(Path(cfg.hydra.run.dir).resolve())  # as in a run
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]
-        return cfg
-
-    return _config
-
-
 def test_config_hash_follows_what_a_run_computes_not_where_it_goes(run_config):
     base = tracking.config_hash(run_config())
     assert re.fullmatch(r"[0-9a-f]{64}", base)

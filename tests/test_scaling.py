@@ -144,9 +144,9 @@ def test_a_sweep_that_lightning_would_relaunch_is_refused(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("Error: -m with 2 DDP processes: Lightning starts them")
 
 
-def test_sync_batchnorm_is_refused_on_the_cpu(compose):
+def test_sync_batchnorm_is_refused_on_the_cpu(run_config):
     with pytest.raises(ConfigError, match=r"^trainer.sync_batchnorm=true: must be false on the CPU"):
-        schema.validate(compose("trainer=ddp_cpu", "trainer.sync_batchnorm=true"), schema.Train)
+        schema.validate(run_config("trainer=ddp_cpu", "trainer.sync_batchnorm=true"), schema.Train)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
@@ -224,13 +224,13 @@ def test_other_processes_never_open_the_mlflow_store(monkeypatch, tmp_path):
     assert isinstance(logger, tracking.OtherProcessLogger) and list(tmp_path.iterdir()) == []
 
 
-def test_the_slurm_script_runs_a_valid_training_command(compose):
+def test_the_slurm_script_runs_a_valid_training_command(run_config):
     """scripts/slurm/train_ddp.sbatch: its srun line is a train.py command whose config composes and validates."""
     script = (ROOT / "scripts" / "slurm" / "train_ddp.sbatch").read_text().replace("\\\n", " ")
     srun = next(line for line in script.splitlines() if line.startswith("srun "))
     words = srun.split()
     assert words[:3] == ["srun", "python", "src/train.py"] and words[-1] == '"$@"'
-    cfg = compose(*words[3:-1], "data.source.root=/tmp")
+    cfg = run_config(*words[3:-1], "data.source.root=/tmp")
     schema.validate(cfg, schema.Train)
     assert (cfg.trainer.strategy, cfg.trainer.num_nodes, cfg.trainer.devices) == ("ddp", 2, 8)
     assert "--ntasks-per-node=8" in script and "--nodes=2" in script  # one task per GPU, as Lightning's SLURM wants
