@@ -16,7 +16,7 @@ from cnnlab.errors import ConfigError
 from cnnlab.studies.ensemble_multicrop import names, paired, read_task, verdict, view_count
 from study_runs import check_study, claims, run_study
 
-TINY = {"tasks": "shapes_centred,shapes",
+TINY = {"tasks": "shapes_centred",  # one task: the second doubles every sweep, and is the same code
         "data": "data.source.train_size=40 data.source.val_size=20 data.source.test_size=30", "epochs": 1,
         "members": {"m1": {"model": "resnet_small", "width": 0.25, "depth": 1, "seed": 1},
                     "m2": {"model": "resnet_small", "width": 0.25, "depth": 1, "seed": 2}},
@@ -40,7 +40,7 @@ def probabilities(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.slow
 def test_the_study_runs_and_summarises(study):
-    check_study(study, expected_claims=3)
+    check_study(study, expected_claims=2)  # ensembling, and multi-crop on the one task
     found = claims(study.summary)
     assert found[0][0].startswith("Ensembling") and all(c.startswith("Multi-crop") for c, _, _ in found[1:])
     folder = study.folder / "results"
@@ -58,7 +58,7 @@ def test_the_study_runs_and_summarises(study):
             assert study.metrics[f"{task}_{mode}_member_mean_acc"] == pytest.approx(sum(singles) / 2)
     client, runs = study.runs()
     evaluations = [r for r in runs if r.data.tags.get("cnnlab.stage") == "evaluate"]
-    assert len(evaluations) == 2 * 2 * len(MODES)  # members x tasks x modes, each its own nested run
+    assert len(evaluations) == len(TINY["members"]) * len(names(TINY["tasks"])) * len(MODES)  # each its own run
 
 
 def test_paired_differences_are_a_mean_and_its_standard_error():
