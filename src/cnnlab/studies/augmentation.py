@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from statistics import mean
 
-from .summary import Claim, Summary, Trial, figure, markdown_table
+from .summary import Claim, Summary, Trial, figure, markdown_table, pct
 
 POLICIES = ("light", "standard", "heavy")
 SEED_SUFFIX = re.compile(r"_s\d+$")
@@ -176,9 +176,6 @@ def plot(baseline: Group, groups: dict[str, Group], threshold: float):
         axes.grid(alpha=0.3)
     return fig
 
-
-def pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
 
 
 def points(value: float) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from ..analysis.cost import count_macs, human
 from ..evaluation.evaluate import load_checkpoint
 from ..resolvers import compound
-from .summary import Claim, Summary, Trial, figure, markdown_table
+from .summary import Claim, Summary, Trial, figure, markdown_table, pct
 
 # each dimension and the coefficient of conf/scaling/custom.yaml that grows it
 DIMENSIONS = {"resolution": "gamma", "depth": "alpha", "width": "beta"}
@@ -201,9 +201,6 @@ def plot(by_direction: dict[str, list[Point]], advantages: dict, margin: float):
         axes.grid(alpha=0.3)
     return fig
 
-
-def pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
 
 
 def signed_points(value: float) -> str:

@@ -29,7 +29,7 @@ from ..data.augment import tta_views
 from ..errors import ConfigError
 from ..evaluation.ensemble import ENSEMBLE
 from ..evaluation.evaluate import PLAIN, load_checkpoint
-from .summary import Claim, Summary, figure, markdown_table, prepared_data
+from .summary import Claim, Summary, figure, markdown_table, prepared_data, pct
 
 MODE_COLOURS = {"none": "tab:gray", "flip": "tab:blue", "five_crop": "tab:orange", "ten_crop": "tab:red"}
 TASK_COLOURS = ("tab:green", "tab:purple", "tab:brown", "tab:cyan")
@@ -291,9 +291,6 @@ def mean(values) -> float:
     values = list(values)
     return sum(values) / len(values)
 
-
-def pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
 
 
 def points(value: float, sign: bool = True) -> str:

@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..evaluation.evaluate import load_checkpoint
 from ..models.net import count_parameters
 from ..training.finetune import FreezeStages
-from .summary import Claim, Summary, Trial, figure, markdown_table
+from .summary import Claim, Summary, Trial, figure, markdown_table, pct
 
 
 # The training set of each size ------------------------------------------------------------------
@@ -281,7 +281,3 @@ def plot(modes, sizes, acc, crossed, margin):
 
 def points(value: float) -> str:
     return f"{100 * value:+.1f} points"
-
-
-def pct(value: float) -> str:
-    return f"{100 * value:.1f}%"

@@ -24,7 +24,7 @@ from ..models.blocks import Inception
 from ..models.net import count_parameters
 from .separable_cost import about_ten
 from .timing import forward, spread, timed_samples
-from .summary import Claim, Summary, Trial, figure, markdown_table, prepared_data
+from .summary import Claim, Summary, Trial, figure, markdown_table, prepared_data, pct
 
 GOOGLENET_NAMES = ("3a", "3b", "4a", "4b", "4c", "4d", "4e", "5a", "5b")   # the paper's names, in order
 SIGNIFICANT = 1.5   # "significantly": at least 1.5x (a third) less cost
@@ -307,7 +307,3 @@ def plot(example: dict, pairs: list[dict], network: dict, trained: list[dict]):
 
 def millions(value: int) -> str:
     return f"{value / 1e6:.1f}M" if value >= 1e5 else f"{value:,}"
-
-
-def pct(value: float) -> str:
-    return f"{100 * value:.1f}%"

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..evaluation.evaluate import load_checkpoint
 from ..models.blocks import ResidualBlock
-from .summary import Claim, Summary, Trial, figure, markdown_table, prepared_data
+from .summary import Claim, Summary, Trial, figure, markdown_table, prepared_data, pct
 
 
 def weight_layers(net: nn.Module) -> int:
@@ -141,7 +141,3 @@ def plot(rows: list[dict], plain: dict, residual: dict, deepest: int):
         axes.legend(fontsize=7)
         axes.grid(alpha=0.3)
     return fig
-
-
-def pct(value: float) -> str:
-    return f"{100 * value:.1f}%"

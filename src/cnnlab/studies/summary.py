@@ -140,7 +140,8 @@ def stage_runs(client, experiment_name: str, own_run_id: str) -> dict[tuple[str,
         return newest
     for run in client.search_runs([experiment.experiment_id], "", order_by=["attributes.start_time DESC"]):
         key = (run.data.tags.get("cnnlab.dvc.stage"), run.data.tags.get("cnnlab.run_folder", ""))
-        if key[0] and run.info.run_id != own_run_id and key not in newest:
+        earlier_summary = run.data.tags.get("cnnlab.stage") == "study"  # a parent, not a stage under it
+        if key[0] and run.info.run_id != own_run_id and not earlier_summary and key not in newest:
             newest[key] = run
     return newest
 
@@ -209,3 +210,8 @@ def prepared_data(data_dir: str | Path):
     if not caches:
         raise ConfigError(f"study: no prepared data under {data_dir}; run the study's prepare stage first")
     return ImageCache(caches[-1].parent)
+
+
+def pct(value: float) -> str:
+    """A fraction as a percentage with one decimal: 0.869 -> 86.9%."""
+    return f"{100 * value:.1f}%"
