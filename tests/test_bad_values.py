@@ -62,6 +62,8 @@ BAD = [
     ("ensemble.py", ["+members.a=/no/such/folder"], "member 'a' (/no/such/folder): no such folder"),  # ensemble.py's
     ("prepare.py", ["data.source.train_size=0"], "data.source.train_size=0: must be an integer >= 1"),
     ("prepare.py", ["data.source.seed=-1"], "data.source.seed=-1: must be an integer from 0"),
+    ("prepare.py", ["data=shapes_fewshot", "data.source._target_=cnnlab.data.ShapesFirstPerClass",
+                    "+data.source.per_class=0"], "data.source.per_class=0: must be an integer >= 1"),
     ("prepare.py", ["data=imagefolder", "data.source.root=/no/such/folder"], "data.source.root=/no/such/folder"),
     ("prepare.py", ["data=cifar10", "data.source.val_size=50000"], "data.source.val_size=50000: must be"),
     ("cost.py", ["scaling.width=-1"], "scaling.width=-1: must be a number > 0"),

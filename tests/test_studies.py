@@ -51,6 +51,16 @@ def test_each_stage_lists_exactly_the_params_its_command_uses(study):
 
 
 @pytest.mark.parametrize("study", STUDIES)
+def test_only_the_summary_depends_on_the_study_modules(study):
+    # editing how a study is measured must re-run its summary alone, never its trainings
+    for name, stage in stages(study).items():
+        if name != "summary":
+            stage = stage.get("do", stage)
+            assert not [d for d in stage.get("deps", []) if "cnnlab/studies" in d], name
+            assert "cnnlab.studies" not in stage["cmd"], name
+
+
+@pytest.mark.parametrize("study", STUDIES)
 def test_each_stage_logs_into_the_studys_experiment_in_the_projects_store(study):
     for name, stage in stages(study).items():
         cmd = stage.get("do", stage)["cmd"]

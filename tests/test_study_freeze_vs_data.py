@@ -1,17 +1,13 @@
-"""pipelines/freeze_vs_data: tiny, end to end; its crossing points, nested training sets and verdicts against
-hand-computed cases."""
+"""pipelines/freeze_vs_data: tiny, end to end; its crossing points and verdicts against hand-computed cases
+(its nested training sets: test_subsets.py)."""
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
-from cnnlab.data.cache import ImageCache, write_cache
-from cnnlab.errors import ConfigError
-from cnnlab.studies.freeze_vs_data import (HEAD, TrainingSubset, claims, crossings, first_per_class, noise_margin,
-                                           trainable_parameters)
+from cnnlab.studies.freeze_vs_data import HEAD, claims, crossings, noise_margin, trainable_parameters
 from conftest import ROOT
 from study_runs import check_study, claims as claim_rows, run_study
 
@@ -70,34 +66,6 @@ def test_ties_at_measured_sizes():
 
 def test_no_crossing_when_one_curve_stays_above():
     assert crossings([5, 10, 20, 50], [0.5, 0.6, 0.7, 0.8], [0.4, 0.5, 0.55, 0.79]) == []
-
-
-# The nested training sets.
-
-def test_first_per_class_takes_each_class_in_its_order():
-    labels = np.array([2, 0, 0, 1, 2, 1, 0, 2, 1])
-    assert first_per_class(labels, 1).tolist() == [0, 1, 3]
-    assert first_per_class(labels, 2).tolist() == [0, 1, 2, 3, 4, 5]
-    assert first_per_class(labels, 3).tolist() == list(range(9))
-    with pytest.raises(ConfigError, match="per_class=4"):
-        first_per_class(labels, 4)
-
-
-def test_a_smaller_training_set_lies_inside_a_larger_and_the_other_splits_stay(tmp_path):
-    rng = np.random.default_rng(0)
-
-    def split(n):
-        return rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8), rng.permutation(np.arange(n) % 3)
-
-    whole = ImageCache(write_cache(tmp_path / "shapes-abc", {"train": split(12), "val": split(6), "test": split(6)},
-                                   {"classes": ["a", "b", "c"]}))
-    small, large = TrainingSubset(whole, 2), TrainingSubset(whole, 3)
-    assert np.bincount(small.split("train").labels).tolist() == [2, 2, 2]
-    assert set(map(bytes, small.split("train").images)) < set(map(bytes, large.split("train").images))
-    for name in ("val", "test"):
-        assert np.array_equal(small.split(name).images, whole.split(name).images)
-    # a name of its own: the frozen trunk's cached features are keyed on it
-    assert len({whole.dir.name, small.dir.name, large.dir.name}) == 3 and small.classes == whole.classes
 
 
 # The epochs, the trainable parameters and the noise margin.

@@ -141,6 +141,10 @@ class ShapesSource(Section):
                      lambda v: v is None or is_number(v) and 0 <= v <= 0.5) = None
 
 
+class ShapesFirstPerClass(ShapesSource):
+    per_class: Count = None
+
+
 class ImageFolderSource(Section):
     root: ExistingFolder = None
     cache_root: PathText = None
@@ -161,6 +165,7 @@ class Cifar10Source(Section):
 
 
 DataSource = by_target({"cnnlab.data.ShapesSource": ShapesSource,
+                        "cnnlab.data.ShapesFirstPerClass": ShapesFirstPerClass,
                         "cnnlab.data.ImageFolderSource": ImageFolderSource,
                         "cnnlab.data.Cifar10Source": Cifar10Source})
 

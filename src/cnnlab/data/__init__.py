@@ -2,5 +2,6 @@ from .cifar10 import Cifar10Source
 from .datamodule import ImageDataModule
 from .imagefolder import ImageFolderSource
 from .sources import ShapesSource
+from .subsets import ShapesFirstPerClass
 
-__all__ = ["Cifar10Source", "ImageDataModule", "ImageFolderSource", "ShapesSource"]
+__all__ = ["Cifar10Source", "ImageDataModule", "ImageFolderSource", "ShapesFirstPerClass", "ShapesSource"]
