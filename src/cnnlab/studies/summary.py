@@ -154,12 +154,6 @@ def nest(client, runs: dict[tuple[str, str], object], parent_id: str, trials: li
         trial.run = next((run for (stage, _), run in runs.items() if stage.endswith(f"train@{trial.key}")), None)
 
 
-def time_taken(runs: list) -> str:
-    """How long the study's other stages took (from their MLflow runs), for a reader about to run it."""
-    minutes = sum(r.info.end_time - r.info.start_time for r in runs if r.info.end_time) / 60_000
-    return f"Its {len(runs)} other stage runs took {minutes:.1f} min together on this machine."
-
-
 def summarise(cfg: DictConfig, measure: Callable[[dict, list[Trial]], Summary]) -> Summary:
     """``python src/study.py study=<name>``: the study's summary, written and logged as its parent run."""
     params = read_params(cfg.params_file)
@@ -170,8 +164,6 @@ def summarise(cfg: DictConfig, measure: Callable[[dict, list[Trial]], Summary]) 
         if runs:
             nest(logger.experiment, runs, logger.run_id, trials)
         summary = measure(params, trials)
-        if runs:
-            summary.notes.append(time_taken(list(runs.values())))
         files = write(summary, output, f"make study NAME={cfg.study.name}")
         if logger is not None:
             logger.log_hyperparams(tracking.flatten({k: v for k, v in params.items() if k != "trials"}))
