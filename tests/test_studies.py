@@ -5,6 +5,7 @@ import re
 import pytest
 import yaml
 
+from cnnlab.studies.summary import points
 from conftest import ROOT
 from dvc_repo import stage_keys
 from study_runs import claims
@@ -78,3 +79,8 @@ def test_docs_open_with_every_studys_measured_claims(study):
         assert re.search(rf"^\| \[{study}\]\(#{study}\) {row}$", DOCS, re.MULTILINE), \
             f"docs/studies.md lacks {study}'s row for: {claim} (copy it from {study}'s summary.md)"
     assert f"../pipelines/{study}/results/summary/summary.png" in DOCS
+
+
+def test_points_sign_a_gain_or_a_loss_and_not_a_size():
+    assert points(0.032) == "3.2 points" and points(0.032, signed=True) == "+3.2 points"
+    assert points(-0.0049, signed=True) == "-0.5 points" and points(0, signed=True) == "+0.0 points"

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from statistics import mean
 
-from .summary import Claim, Summary, Trial, figure, markdown_table, pct
+from .summary import Claim, Summary, Trial, figure, markdown_table, pct, points
 
 POLICIES = ("light", "standard", "heavy")
 SEED_SUFFIX = re.compile(r"_s\d+$")
@@ -112,7 +112,7 @@ def overall_claim(groups: dict[str, Group], baseline: Group, effects: dict[str, 
                "refuted" if len(hurt) > len(policies) / 2 and not helped else "not reproduced at this budget")
     return Claim("Data augmentation improves the performance of computer vision systems.",
                  f"test accuracy without augmentation {pct(baseline.accuracy)}; "
-                 + ", ".join(f"{g.name} {pct(g.accuracy)} ({signed(g.accuracy - baseline.accuracy)})" for g in policies)
+                 + ", ".join(f"{g.name} {pct(g.accuracy)} ({versus(baseline, g)})" for g in policies)
                  + f": {len(helped)} of {len(policies)} policies help, {len(hurt)} hurt",
                  verdict)
 
@@ -124,7 +124,7 @@ def distortion_claim(notes_name: str, groups: list[Group], baseline: Group, effe
                "refuted" if "hurts" in found and "helps" not in found else "not reproduced at this budget")
     return Claim(f"{notes_name.capitalize()} is a distortion that improves performance.",
                  "; ".join(f"{g.name} alone {pct(g.accuracy)} vs none {pct(baseline.accuracy)} "
-                           f"({signed(g.accuracy - baseline.accuracy)}, {effects[g.name]})" for g in groups),
+                           f"({versus(baseline, g)}, {effects[g.name]})" for g in groups),
                  verdict)
 
 
@@ -139,8 +139,13 @@ def row(group: Group, baseline: Group, effect_name: str) -> list:
     accuracy = pct(group.accuracy) + (f" ± {points(group.spread / 2)}" if len(group.trials) > 1 else "")
     train = mean(float(t.last_epoch.get("train_acc", "nan")) for t in group.trials)
     best_val = mean(max(t.column("val_acc"), default=float("nan")) for t in group.trials)
-    return [group.name, len(group.trials), accuracy, signed(group.accuracy - baseline.accuracy) if group is not baseline
-            else "", pct(train), pct(best_val), effect_name]
+    return [group.name, len(group.trials), accuracy, versus(baseline, group) if group is not baseline else "",
+            pct(train), pct(best_val), effect_name]
+
+
+def versus(baseline: Group, group: Group) -> str:
+    """What the group's augmentation gains (or loses) in test accuracy over none."""
+    return points(group.accuracy - baseline.accuracy, signed=True)
 
 
 def metrics(baseline: Group, groups: dict[str, Group], threshold: float) -> dict[str, float]:
@@ -175,12 +180,3 @@ def plot(baseline: Group, groups: dict[str, Group], threshold: float):
         axes.legend(fontsize=7)
         axes.grid(alpha=0.3)
     return fig
-
-
-
-def points(value: float) -> str:
-    return f"{100 * value:.1f} points"
-
-
-def signed(value: float) -> str:
-    return f"{100 * value:+.1f} points"

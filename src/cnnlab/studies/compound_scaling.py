@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from ..analysis.cost import count_macs, human
 from ..evaluation.evaluate import load_checkpoint
 from ..resolvers import compound
-from .summary import Claim, Summary, Trial, figure, markdown_table, pct
+from .summary import Claim, Summary, Trial, figure, markdown_table, pct, points
 
 # each dimension and the coefficient of conf/scaling/custom.yaml that grows it
 DIMENSIONS = {"resolution": "gamma", "depth": "alpha", "width": "beta"}
@@ -144,7 +144,8 @@ def claims(by_direction: dict[str, list[Point]], advantages: dict, margin: float
     diminishing = Claim(
         "The gain from scaling one dimension diminishes as the network grows.",
         ("accuracy gained per doubling of multiply-adds, first step -> last step: "
-         + "; ".join(f"{name} {signed_points(s[0])} -> {signed_points(s[-1])}" for name, s in steps.items())) if steps
+         + "; ".join(f"{name} {points(s[0], signed=True)} -> {points(s[-1], signed=True)}"
+                     for name, s in steps.items())) if steps
         else "no direction has two steps beyond the base",
         "confirmed" if improves and steps and all(shrinking.values())
         else "refuted" if improves and steps and not any(shrinking.values()) else "not reproduced at this budget")
@@ -155,7 +156,7 @@ def claims(by_direction: dict[str, list[Point]], advantages: dict, margin: float
     compound_wins = Claim(
         "Compound scaling (r, d and w together) gives a higher accuracy than one dimension for the same multiply-adds.",
         ("compound minus one dimension at matched multiply-adds, mean over its trials: "
-         + "; ".join(f"{name} {signed_points(a)}" for name, a in mean_advantage.items())) if mean_advantage
+         + "; ".join(f"{name} {points(a, signed=True)}" for name, a in mean_advantage.items())) if mean_advantage
         else "the compound line does not reach any single-dimension trial's multiply-adds",
         "confirmed" if better else "refuted" if worse else "not reproduced at this budget")
     return [scaling_helps, diminishing, compound_wins]
@@ -200,9 +201,3 @@ def plot(by_direction: dict[str, list[Point]], advantages: dict, margin: float):
     for axes in (curves, matched):
         axes.grid(alpha=0.3)
     return fig
-
-
-
-def signed_points(value: float) -> str:
-    """An accuracy difference in percentage points, signed."""
-    return f"{100 * value:+.1f} points"

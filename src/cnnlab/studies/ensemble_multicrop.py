@@ -29,7 +29,7 @@ from ..data.augment import tta_views
 from ..errors import ConfigError
 from ..evaluation.ensemble import ENSEMBLE
 from ..evaluation.evaluate import PLAIN, load_checkpoint
-from .summary import Claim, Summary, figure, markdown_table, prepared_data, pct
+from .summary import Claim, Summary, figure, markdown_table, points, prepared_data, pct
 
 MODE_COLOURS = {"none": "tab:gray", "flip": "tab:blue", "five_crop": "tab:orange", "ten_crop": "tab:red"}
 TASK_COLOURS = ("tab:green", "tab:purple", "tab:brown", "tab:cyan")
@@ -185,8 +185,8 @@ def ensembling_claim(tasks: list[Task], size: int) -> Claim:
         verdicts.append(verdict(differences))
         mean, error = paired(differences)
         parts.append(f"{task.description}: {pct(ensemble)} for the ensemble of {size}, {pct(sum(members) / len(members))} "
-                     f"for a member on average ({points(mean)} ± {points(error, sign=False)}), "
-                     f"{points(ensemble - max(members))} over the best member")
+                     f"for a member on average ({points(mean, signed=True)} ± {points(error)}), "
+                     f"{points(ensemble - max(members), signed=True)} over the best member")
     return Claim("Ensembling: train several networks independently and average their outputs (typically 1-2% better).",
                  "; ".join(parts) + " (test accuracy, plain views)", combined(verdicts))
 
@@ -195,12 +195,12 @@ def multicrop_claim(task: Task, mode: str, views: dict[str, int]) -> Claim:
     differences = [with_views - plain for with_views, plain in zip(task.single[mode], task.single[PLAIN])]
     mean, error = paired(differences)
     gains = sum(d > 0 for d in differences)
-    others = [m for m in task.single if m not in (PLAIN, mode)]
-    also = ", ".join(f"{m} {points(paired([a - b for a, b in zip(task.single[m], task.single[PLAIN])])[0])}"
-                     for m in others)
+    others = {m: paired([a - b for a, b in zip(task.single[m], task.single[PLAIN])])[0]  # their mean gain
+              for m in task.single if m not in (PLAIN, mode)}
+    also = ", ".join(f"{m} {points(gain, signed=True)}" for m, gain in others.items())
     return Claim(
         f"Multi-crop at test time: run the classifier on several crops of each test image and average ({task.description}).",
-        f"{mode} ({views[mode]} views) against the plain view: {points(mean)} ± {points(error, sign=False)} on "
+        f"{mode} ({views[mode]} views) against the plain view: {points(mean, signed=True)} ± {points(error)} on "
         f"average over the members ({gains} of {len(differences)} gain){'; ' + also if also else ''}",
         verdict(differences))
 
@@ -290,8 +290,3 @@ def plot(tasks: list[Task], members: list[Member], modes: list[str], views: dict
 def mean(values) -> float:
     values = list(values)
     return sum(values) / len(values)
-
-
-
-def points(value: float, sign: bool = True) -> str:
-    return f"{100 * value:{'+' if sign else ''}.1f} points"

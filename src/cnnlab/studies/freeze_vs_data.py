@@ -21,7 +21,7 @@ from ..checkpoints import read_checkpoint
 from ..evaluation.evaluate import load_checkpoint
 from ..models.net import count_parameters
 from ..training.finetune import FreezeStages
-from .summary import Claim, Summary, Trial, figure, markdown_table, pct
+from .summary import Claim, Summary, Trial, figure, markdown_table, pct, points
 
 
 # Where two curves cross -------------------------------------------------------------------------
@@ -98,16 +98,16 @@ def noise_margin(accuracies: list[float], test_images: int) -> float:
 
 
 def measure(params: dict, trials: list[Trial], pretrain_metrics: str = "results/pretrain/metrics.json") -> Summary:
-    points = [point(trial) for trial in trials]
-    modes = sorted({p.mode for p in points}, key=lambda m: min(p.trainable for p in points if p.mode == m))
+    measured = [point(trial) for trial in trials]
+    modes = sorted({p.mode for p in measured}, key=lambda m: min(p.trainable for p in measured if p.mode == m))
     if HEAD not in modes or len(modes) < 2:
         raise ValueError(f"freeze_vs_data needs {HEAD} trials and trials of another mode; got {modes}")
-    curves = {m: {p.per_class: p for p in points if p.mode == m} for m in modes}
+    curves = {m: {p.per_class: p for p in measured if p.mode == m} for m in modes}
     sizes = sorted(set.intersection(*(set(curve) for curve in curves.values())))
     if len(sizes) < 2:
         raise ValueError("freeze_vs_data needs every mode at two training-set sizes or more")
     acc = {m: [curves[m][n].acc for n in sizes] for m in modes}
-    margin = noise_margin([p.acc for p in points], int(trials[0].metrics["test/images"]))
+    margin = noise_margin([p.acc for p in measured], int(trials[0].metrics["test/images"]))
     # each pair of modes, the one that freezes more first: where the one that trains more overtakes it
     crossed = {(a, b): crossings(sizes, acc[a], acc[b]) for i, a in enumerate(modes) for b in modes[i + 1:]}
 
@@ -117,7 +117,7 @@ def measure(params: dict, trials: list[Trial], pretrain_metrics: str = "results/
              "to it), at its mode's learning rate "
              f"({learning_rates(trials)}); its best epoch on the validation images is tested.",
              f"Test accuracy on the same {int(trials[0].metrics['test/images'])} images in every trial; a difference "
-             f"counts when larger than {100 * margin:.1f} points (two standard errors of a difference of two accuracies there). "
+             f"counts when larger than {points(margin)} (two standard errors of a difference of two accuracies there). "
              "One seed per trial: a second seed can move a small training set's accuracy by more.",
              "Crossings are interpolated linearly in log(images per class) between the measured sizes."]
     return Summary("Freezing vs training-set size", claims(modes, sizes, acc, crossed, margin),
@@ -162,8 +162,8 @@ def claims(modes, sizes, acc, crossed, margin) -> list[Claim]:
     fewer_large = Claim(
         "With a larger training set, freeze fewer layers and train more of them.",
         f"best at {small} images per class: {best_small} {pct(at_small[best_small])}; at {large}: {best_large} "
-        f"{pct(at_large[best_large])}; {winner}'s lead over {HEAD} {points(lead[winner][0])} at {small}, "
-        f"{points(lead[winner][1])} at {large}; "
+        f"{pct(at_large[best_large])}; {winner}'s lead over {HEAD} {points(lead[winner][0], signed=True)} at {small}, "
+        f"{points(lead[winner][1], signed=True)} at {large}; "
         + ("; ".join(overtakes) + " images per class" if overtakes else f"no mode overtakes {HEAD} up to {large}"),
         "confirmed" if grows else "refuted" if shrinks else "not reproduced at this budget")
     return [freeze_small, fewer_large]
@@ -223,7 +223,3 @@ def plot(modes, sizes, acc, crossed, margin):
         axes.legend(fontsize=7)
         axes.grid(alpha=0.3)
     return fig
-
-
-def points(value: float) -> str:
-    return f"{100 * value:+.1f} points"

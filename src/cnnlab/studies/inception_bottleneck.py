@@ -24,7 +24,7 @@ from ..models.blocks import Inception
 from ..models.net import count_parameters
 from .separable_cost import about_ten
 from .timing import forward, spread, timed_samples
-from .summary import Claim, Summary, Trial, figure, markdown_table, prepared_data, pct
+from .summary import Claim, Summary, Trial, figure, markdown_table, points, prepared_data, pct
 
 GOOGLENET_NAMES = ("3a", "3b", "4a", "4b", "4c", "4d", "4e", "5a", "5b")   # the paper's names, in order
 SIGNIFICANT = 1.5   # "significantly": at least 1.5x (a third) less cost
@@ -206,7 +206,7 @@ def claims(example: dict, pairs: list[dict], network: dict, trained: list[dict])
     accuracy_claim = Claim(
         "The bottlenecks make the network cheaper without costing accuracy (the Inception design).",
         f"test accuracy {pct(kinds[WITH]['accuracy'])} with the 1x1 reductions, {pct(kinds[WITHOUT]['accuracy'])} "
-        f"without (difference {100 * gap:+.1f} points, ± {100 * 2 * error:.1f} at two standard errors)",
+        f"without (difference {points(gap, signed=True)}, ± {100 * 2 * error:.1f} at two standard errors)",
         "not reproduced at this budget" if not learned else "confirmed" if gap > -2 * error else "refuted")
     return [example_claim, network_claim, time_claim, accuracy_claim]
 
@@ -230,7 +230,7 @@ def chance(row: dict) -> float:
 def accuracy_note(trained: list[dict]) -> str:
     images = trained[0]["images"]
     return (f"Test accuracy on {images:,} images: one training each, so its noise is at least the binomial "
-            f"standard error, ±{100 * max(binomial_error(r) for r in trained):.1f} points here; a difference "
+            f"standard error, ±{points(max(binomial_error(r) for r in trained))} here; a difference "
             "within two standard errors is no difference.")
 
 

@@ -207,3 +207,9 @@ def prepared_data(data_dir: str | Path):
 def pct(value: float) -> str:
     """A fraction as a percentage with one decimal: 0.869 -> 86.9%."""
     return f"{100 * value:.1f}%"
+
+
+def points(value: float, signed: bool = False) -> str:
+    """A difference of two fractions in percentage points, one decimal: 0.032 -> "3.2 points"; ``signed``
+    for a gain or a loss ("+3.2 points"), not for a size (a margin, a spread)."""
+    return f"{100 * value:{'+' if signed else ''}.1f} points"
