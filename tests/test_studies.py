@@ -5,7 +5,7 @@ import re
 import pytest
 import yaml
 
-from cnnlab.studies.summary import points
+from cnnlab.studies.summary import points, significant
 from conftest import ROOT
 from dvc_repo import stage_keys
 from study_runs import claims
@@ -84,3 +84,8 @@ def test_docs_open_with_every_studys_measured_claims(study):
 def test_points_sign_a_gain_or_a_loss_and_not_a_size():
     assert points(0.032) == "3.2 points" and points(0.032, signed=True) == "+3.2 points"
     assert points(-0.0049, signed=True) == "-0.5 points" and points(0, signed=True) == "+0.0 points"
+
+
+def test_significant_figures_are_never_written_in_powers_of_ten():
+    assert [significant(v, 2) for v in (129.08, 6.14, 0.00981, 1234.5)] == ["130", "6.1", "0.0098", "1200"]
+    assert significant(57.64, 3) == "57.6" and significant(1234.5, 3) == "1230"

@@ -24,7 +24,7 @@ from ..models.blocks import Inception
 from ..models.net import count_parameters
 from .separable_cost import about_ten
 from .timing import forward, spread, timed_samples
-from .summary import Claim, Summary, Trial, figure, markdown_table, points, prepared_data, pct
+from .summary import Claim, Summary, Trial, figure, markdown_table, points, prepared_data, pct, significant
 
 GOOGLENET_NAMES = ("3a", "3b", "4a", "4b", "4c", "4d", "4e", "5a", "5b")   # the paper's names, in order
 SIGNIFICANT = 1.5   # "significantly": at least 1.5x (a third) less cost
@@ -253,7 +253,7 @@ def cost_cells(row: dict) -> list[str]:
     _, channels, height, width = row["shape"]
     return [f"{height}x{width}x{channels}", millions(row["macs"][WITHOUT]), millions(row["macs"][WITH]),
             f"{saving(row, 'macs'):.1f}x", f"{row['params'][WITHOUT]:,}", f"{row['params'][WITH]:,}",
-            f"{1000 * row['seconds'][WITHOUT]:.3g}", f"{1000 * row['seconds'][WITH]:.3g}",
+            significant(1000 * row["seconds"][WITHOUT], 3), significant(1000 * row["seconds"][WITH], 3),
             f"{saving(row, 'seconds'):.1f}x"]
 
 

@@ -135,8 +135,9 @@ def plot(rows: list[dict], plain: dict, residual: dict, deepest: int):
         changes.plot(range(1, len(change) + 1), change, "o-", color=colour, markersize=3, label=f"{name}-{deepest}")
     by_depth.set(xlabel="weight layers", ylabel="training error (%)", title="training error at the end")
     curves.set(xlabel="epoch", ylabel="training error (%)", title="training error per epoch")
+    # the depth is in the legend: in the title too, the title overran the figure's edge
     changes.set(xlabel="block (same-shape blocks, input to output)", ylabel="||block(x) - x|| / ||x||",
-                title=f"how far each block moves its input ({deepest} layers)")
+                title="how far each block moves its input")
     for axes in (by_depth, curves, changes):
         axes.legend(fontsize=7)
         axes.grid(alpha=0.3)

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..analysis.cost import count_macs, stage_costs, total_row
 from ..models.blocks import ConvBnAct, DepthwiseSeparable
-from .summary import Claim, Summary, figure, markdown_table
+from .summary import Claim, Summary, figure, markdown_table, significant
 from .timing import forward, spread, timed_samples
 
 ABOUT = 1.5   # "~10 times" holds for a saving within a factor 1.5 of 10 (6.7x to 15x)
@@ -187,8 +187,8 @@ def claims(example: dict, rows: list[dict], net: dict) -> list[Claim]:
         f"{net['model']}: {time_saving:.1f}x faster than its twin (for {mac_saving:.1f}x fewer multiplies); single "
         f"layers {by_kernel(rows, 'time_ratio')}; the depthwise conv does {pct(depthwise_share(rows, 'macs'))} of a "
         f"separable layer's multiplies but takes {pct(depthwise_share(rows, 'seconds'))} of its time, at "
-        f"{median_rate(rows, 'depthwise'):.2g} GMAC/s against {median_rate(rows, 'normal'):.2g} for the normal conv "
-        f"(medians over the layers)",
+        f"{gmacs(median_rate(rows, 'depthwise'))} GMAC/s against {gmacs(median_rate(rows, 'normal'))} for the "
+        "normal conv (medians over the layers)",
         "confirmed" if about_ten(time_saving) else "refuted")
     return [formula, fewer, faster]
 
@@ -198,8 +198,8 @@ def memory_bound(rows: list[dict]) -> list[str]:
     depthwise, normal = median_rate(rows, "depthwise"), median_rate(rows, "normal")
     if depthwise >= normal / 3:
         return []
-    return [f"The depthwise conv ran at {depthwise:.2g} billion multiply-adds per second, the normal conv at "
-            f"{normal:.2g}: per value read or written it does about f²/2 multiply-adds, the normal conv about "
+    return [f"The depthwise conv ran at {gmacs(depthwise)} billion multiply-adds per second, the normal conv at "
+            f"{gmacs(normal)}: per value read or written it does about f²/2 multiply-adds, the normal conv about "
             "f²·n_c/2, so it waits on memory rather than on arithmetic (memory-bound), and a multiply saved by "
             "the separable layer saves less time than one of the normal conv's."]
 
@@ -229,9 +229,14 @@ def depthwise_share(rows: list[dict], key: str) -> float:
     return statistics.median(r[key]["depthwise"] / (r[key]["depthwise"] + r[key]["pointwise"]) for r in rows)
 
 
+def rate(measured: dict, part: str) -> float:
+    """Multiply-adds per second (G) of one part (normal, depthwise, ...) of a measured layer or network."""
+    return measured["macs"][part] / measured["seconds"][part] / 1e9
+
+
 def median_rate(rows: list[dict], part: str) -> float:
     """Multiply-adds per second (G) of one part of the layers, the median over the layers."""
-    return statistics.median(r["macs"][part] / r["seconds"][part] / 1e9 for r in rows)
+    return statistics.median(rate(r, part) for r in rows)
 
 
 def median_spread(rows: list[dict]) -> float:
@@ -243,14 +248,12 @@ def table(rows: list[dict], net: dict) -> str:
               f"{r['macs']['normal']:,}", f"{r['macs']['depthwise']:,} + {r['macs']['pointwise']:,}",
               f"{r['mac_ratio']:.3f}", f"{r['layer'].formula:.3f}", ms(r["seconds"]["normal"]),
               ms(r["seconds"]["separable"]), f"{r['time_ratio']:.2f}",
-              gmacs(r["macs"]["normal"], r["seconds"]["normal"]),
-              gmacs(r["macs"]["depthwise"], r["seconds"]["depthwise"]),
-              gmacs(r["macs"]["pointwise"], r["seconds"]["pointwise"])] for r in rows]
+              *(gmacs(rate(r, part)) for part in ("normal", "depthwise", "pointwise"))] for r in rows]
     cells.append([f"**{net['model']}** at {net['resolution']} px vs normal-conv twin", f"{net['macs']['normal']:,}",
                   f"{net['macs']['separable']:,}", f"{net['macs']['separable'] / net['macs']['normal']:.3f}", "",
                   ms(net["seconds"]["normal"]), ms(net["seconds"]["separable"]),
                   f"{net['seconds']['separable'] / net['seconds']['normal']:.2f}",
-                  gmacs(net["macs"]["normal"], net["seconds"]["normal"]), "", ""])
+                  gmacs(rate(net, "normal")), "", ""])
     return markdown_table(
         ["layer (n x n x channels in, filters f x f)", "normal: multiply-adds", "separable: depthwise + pointwise",
          "ratio counted", "1/n_c + 1/f²", "normal: ms/image", "separable: ms/image", "time ratio",
@@ -286,10 +289,8 @@ def plot(example: dict, rows: list[dict], net: dict):
         timed.plot([r["mac_ratio"] for r in mine], [r["time_ratio"] for r in mine], "o-", color=colour[k],
                    label=f"{k}x{k} layers")
         channels = [r["layer"].out_chs for r in mine]
-        rates.plot(channels, [r["macs"]["normal"] / r["seconds"]["normal"] / 1e9 for r in mine], "o-",
-                   color=colour[k], label=f"normal {k}x{k}")
-        rates.plot(channels, [r["macs"]["depthwise"] / r["seconds"]["depthwise"] / 1e9 for r in mine], "s--",
-                   color=colour[k], label=f"depthwise {k}x{k}")
+        rates.plot(channels, [rate(r, "normal") for r in mine], "o-", color=colour[k], label=f"normal {k}x{k}")
+        rates.plot(channels, [rate(r, "depthwise") for r in mine], "s--", color=colour[k], label=f"depthwise {k}x{k}")
     counted.plot([example["layer"].formula], [example["mac_ratio"]], "*", color="black", markersize=11,
                  label="notes' example")
     timed.plot([net["macs"]["separable"] / net["macs"]["normal"]], [net["seconds"]["separable"] / net["seconds"]["normal"]],
@@ -315,11 +316,12 @@ def plot(example: dict, rows: list[dict], net: dict):
 
 
 def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.3g}"
+    return significant(seconds * 1000, 3)
 
 
-def gmacs(macs: int, seconds: float) -> str:
-    return f"{macs / seconds / 1e9:.2f}"
+def gmacs(per_second: float) -> str:
+    """Billions of multiply-adds per second, to two figures: CPU timings here are no more precise."""
+    return significant(per_second, 2)
 
 
 def pct(value: float) -> str:

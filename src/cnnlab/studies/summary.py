@@ -15,6 +15,7 @@ import os
 import platform
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 import yaml
@@ -207,6 +208,12 @@ def prepared_data(data_dir: str | Path):
 def pct(value: float) -> str:
     """A fraction as a percentage with one decimal: 0.869 -> 86.9%."""
     return f"{100 * value:.1f}%"
+
+
+def significant(value: float, figures: int) -> str:
+    """A measured value to ``figures`` significant figures, never in powers of ten as ``:g`` would write
+    it: 130 (not 1.3e+02), 6.1, 0.0098, 1230."""
+    return format(Decimal(f"{value:.{figures}g}").normalize(), "f")
 
 
 def points(value: float, signed: bool = False) -> str:
