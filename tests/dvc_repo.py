@@ -58,7 +58,8 @@ def dvc(repo: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProce
     dvc_exe = Path(sys.executable).parent / "dvc"
     result = subprocess.run([str(dvc_exe), *args], cwd=repo, env=environment(), capture_output=True, text=True,
                             timeout=timeout)
-    assert result.returncode == 0, f"dvc {' '.join(args)}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, \
+        f"dvc {' '.join(args)} exited with {result.returncode}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result
 
 

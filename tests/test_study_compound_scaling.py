@@ -8,14 +8,17 @@ import torch
 
 from cnnlab.analysis.cost import count_macs
 from cnnlab.models.blocks import InvertedResidual
+from cnnlab.resolvers import compound
 from cnnlab.studies.compound_scaling import (Point, claims as judge, compound_advantages, direction,
                                              gains_per_doubling, interpolate, lines, noise_margin, resolution)
 from study_runs import check_study, claims, run_study
 
-TINY = {"data": {"render_size": 40, "train_size": 40, "val_size": 20, "test_size": 20}, "epochs": 1,
+# the compound trial two steps out: its line must reach width_1's multiply-adds for a matched comparison,
+# which one step (x1.1 width, x1.15 resolution, depth x1.2 in whole blocks) need not on every base
+TINY = {"data": {"render_size": 48, "train_size": 40, "val_size": 20, "test_size": 20}, "epochs": 1,
         "trials": {"base": {"phi": 0, "alpha": 1, "beta": 1, "gamma": 1},
                    "width_1": {"phi": 1, "alpha": 1, "beta": 1.5, "gamma": 1},
-                   "compound_1": {"phi": 1, "alpha": 1.2, "beta": 1.1, "gamma": 1.15}}}
+                   "compound_2": {"phi": 2, "alpha": 1.2, "beta": 1.1, "gamma": 1.15}}}
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +30,17 @@ def study(tmp_path_factory):
 def test_the_study_runs_and_summarises(study):
     check_study(study, expected_claims=3)
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in study.summary.splitlines()
-            if line.startswith(("| base ", "| width_1 ", "| compound_1 "))}
-    assert rows["base"][1] == "base" and rows["width_1"][1] == "width" and rows["compound_1"][1] == "compound"
-    assert rows["base"][5] == "32 px" and rows["compound_1"][5] == "37 px"     # 32 x 1.15
-    assert rows["width_1"][3] == "0.75" and rows["compound_1"][4] == "0.6"     # 0.5 x 1.5; 0.5 x 1.2
+            if line.startswith(("| base ", "| width_1 ", "| compound_2 "))}
+    assert rows["base"][1] == "base" and rows["width_1"][1] == "width" and rows["compound_2"][1] == "compound"
+    # the base's size, width and depth scaled by the trial's coefficients, as its config scaled them
+    base, width, both = study.params["base"], TINY["trials"]["width_1"], TINY["trials"]["compound_2"]
+    assert rows["base"][5] == f"{base['resolution']} px"
+    assert rows["compound_2"][5] == f"{compound(base['resolution'], both['gamma'], 2)} px"
+    assert rows["width_1"][3] == f"{compound(base['width'], width['beta'], 1):.3g}"
+    assert rows["compound_2"][4] == f"{compound(base['depth'], both['alpha'], 2):.3g}"
     assert study.metrics["base_macs_ratio"] == 1.0
-    assert study.metrics["width_1_macs_ratio"] > 1.5 and study.metrics["compound_1_macs_ratio"] > 1.5
-    # the compound line (base -> compound_1) reaches width_1's cost: one matched comparison
+    assert study.metrics["width_1_macs_ratio"] > 1.5 and study.metrics["compound_2_macs_ratio"] > 1.5
+    # the compound line (base -> compound_2) reaches width_1's cost: one matched comparison
     assert "compound_advantage_over_width" in study.metrics
     assert claims(study.summary)[2][0].startswith("Compound scaling")
 
