@@ -20,8 +20,11 @@ $(INSTALLED): pyproject.toml constraints.txt
 train: setup
 	$(PY) src/train.py $(ARGS)
 
-test: setup  # two processes, each file in one of them (module fixtures run once)
-	$(PY) -m pytest -n 2 --dist loadfile $(ARGS)
+# Two processes, each file in one of them (module fixtures run once), files handed out in collection order
+# (slow files first: tests/conftest.py), not xdist's default of most tests first, which left the long
+# one-test files for last and one process idle while the other ran them.
+test: setup
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder $(ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(ARGS)
