@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from cnnlab import launch, schema, tracking
 from cnnlab.data.datamodule import EpochShuffle, Shard, per_process_batch
 from cnnlab.errors import ConfigError
+from cnnlab.training.loggers import OtherProcessLogger
 from conftest import ROOT, run_script, tiny_overrides
 
 # Validation and test splits that two processes cannot share evenly (101 and 103 images): each image
@@ -221,7 +222,7 @@ def test_other_processes_never_open_the_mlflow_store(monkeypatch, tmp_path):
     monkeypatch.setenv("RANK", "1")
     logger = tracking.mlflow_logger("cnnlab", None, str(tmp_path / "mlflow.db"), str(tmp_path / "artifacts"))
     logger.log_hyperparams({"a": 1}), logger.experiment.log_text(logger.run_id, "text", "file.txt")
-    assert isinstance(logger, tracking.OtherProcessLogger) and list(tmp_path.iterdir()) == []
+    assert isinstance(logger, OtherProcessLogger) and list(tmp_path.iterdir()) == []
 
 
 def test_the_slurm_script_runs_a_valid_training_command(run_config):

@@ -10,18 +10,22 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 from mlflow.exceptions import MlflowException
-from pytorch_lightning.loggers import Logger, MLFlowLogger
 
 from .errors import ConfigError
 from .launch import is_first_process
+
+if TYPE_CHECKING:  # Lightning is imported where a Trainer needs its logger: it is 3 s of every script's start
+    from pytorch_lightning.loggers import Logger, MLFlowLogger
 
 log = logging.getLogger(__name__)
 
@@ -82,37 +86,71 @@ def run_artifact(reference: str, default_path: str = "best/best.ckpt") -> Path:
 
 def mlflow_logger(experiment_name: str, tracking_uri: str | None, default_db: str, artifact_dir: str,
                   run_name: str | None = None, tags: Mapping[str, str] | None = None,
-                  log_model: bool = True, run_id: str | None = None) -> MLFlowLogger:
+                  log_model: bool = True, run_id: str | None = None, trainer: bool = True) -> MLFlowLogger | StoreRun:
     """An MLflow logger on ``tracking_uri`` (e.g. ``http://host:5000``), or on the project's SQLite store.
 
     For a local store the artifacts go next to it (MLflow would otherwise put them under the
     directory the run starts in); a server manages its own artifact store. Only a run's first
     process has one (see ``OtherProcessLogger``). With ``run_id``, the logger continues that run (a
-    resumed training), which is RUNNING again until it closes.
+    resumed training), which is RUNNING again until it closes. ``trainer=False``: a script that
+    trains nothing gets a ``StoreRun``, the same run without Lightning's logger around it.
     """
     if not is_first_process():
+        from .training.loggers import OtherProcessLogger
         return OtherProcessLogger()
     local = not tracking_uri
+    uri = sqlite_uri(default_db) if local else tracking_uri
+    artifact_location = Path(artifact_dir).resolve().as_uri() if local else None
     if local:  # before the logger's client opens the store: it would create the tables itself, racing others
-        prepare_store(default_db, experiment_name, Path(artifact_dir).resolve().as_uri())
+        experiment_id = prepare_store(default_db, experiment_name, artifact_location)
     else:  # before the logger looks the experiment up: it would create a missing one itself, racing others
-        prepare_server(tracking_uri, experiment_name)
-    logger = MLFlowLogger(
-        experiment_name=experiment_name,
-        run_name=run_name,
-        tracking_uri=sqlite_uri(default_db) if local else tracking_uri,
-        artifact_location=Path(artifact_dir).resolve().as_uri() if local else None,
-        tags={**git_tags(), **(tags or {})},
-        log_model=log_model,
-        run_id=run_id,
-    )
+        experiment_id = prepare_server(tracking_uri, experiment_name)
+    tags = {**git_tags(), **(tags or {})}
+    if not trainer:
+        return StoreRun(uri, experiment_id, run_name, tags)
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    logger = MLFlowLogger(experiment_name=experiment_name, run_name=run_name, tracking_uri=uri,
+                          artifact_location=artifact_location, tags=tags, log_model=log_model, run_id=run_id)
     if run_id is not None:
         logger.experiment.update_run(run_id, status="RUNNING")
     return logger
 
 
-def prepare_store(db_path: str | Path, experiment_name: str, artifact_location: str) -> None:
-    """Create the SQLite store and the experiment once, however many processes start at once.
+class StoreRun:
+    """The MLflow run of a script that trains nothing (prepare, evaluate, ensemble, report, study), opened
+    at once: what those scripts use of Lightning's MLflow logger (``experiment``, the client; ``run_id``,
+    ``experiment_id``, ``log_hyperparams``, ``log_metrics``, ``finalize``), logged the way it logs."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, run_name: str | None, tags: Mapping[str, str]):
+        from mlflow.tracking import MlflowClient
+        from mlflow.tracking.context.registry import resolve_tags
+
+        mlflow.set_tracking_uri(tracking_uri)  # as Lightning's logger does: runs:/ references resolve on it
+        self.experiment, self.experiment_id = MlflowClient(tracking_uri), experiment_id
+        self.run_id = self.experiment.create_run(experiment_id, run_name=run_name, tags=resolve_tags(dict(tags))).info.run_id
+
+    def log_hyperparams(self, params: Mapping[str, object]) -> None:
+        from mlflow.entities import Param
+
+        # as Lightning's logger: values as text cut at 250 characters, at most 100 a call (MLflow's limit)
+        items = [Param(key, str(value)[:250]) for key, value in params.items()]
+        for start in range(0, len(items), 100):
+            self.experiment.log_batch(self.run_id, params=items[start:start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.experiment.log_batch(self.run_id, metrics=[Metric(key, float(value), now, step or 0)
+                                                        for key, value in metrics.items()])
+
+    def finalize(self, status: str) -> None:
+        self.experiment.set_terminated(self.run_id, status)
+
+
+def prepare_store(db_path: str | Path, experiment_name: str, artifact_location: str) -> str:
+    """Create the SQLite store and the experiment once, however many processes start at once; its id.
 
     Opening a store that does not exist yet creates its tables (MLflow runs all its migrations), and
     Lightning's logger creates a missing experiment: two processes doing either at the same moment (a
@@ -127,11 +165,11 @@ def prepare_store(db_path: str | Path, experiment_name: str, artifact_location: 
     db = Path(db_path).resolve()
     db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{db}.lock", timeout=300):
-        ensure_experiment(MlflowClient(sqlite_uri(db)), experiment_name, artifact_location)
+        return ensure_experiment(MlflowClient(sqlite_uri(db)), experiment_name, artifact_location)
 
 
-def prepare_server(tracking_uri: str, experiment_name: str) -> None:
-    """Create the experiment on a tracking server once, however many runs start at once.
+def prepare_server(tracking_uri: str, experiment_name: str) -> str:
+    """Create the experiment on a tracking server once, however many runs start at once; its id.
 
     What ``prepare_store`` does for the SQLite store, before the logger is made, without a lock (a
     server's clients share no file). Lightning's logger, finding no experiment, creates it itself, and
@@ -140,7 +178,7 @@ def prepare_server(tracking_uri: str, experiment_name: str) -> None:
     """
     from mlflow.tracking import MlflowClient
 
-    ensure_experiment(MlflowClient(tracking_uri), experiment_name)
+    return ensure_experiment(MlflowClient(tracking_uri), experiment_name)
 
 
 def ensure_experiment(client, name: str, artifact_location: str | None = None) -> str:
@@ -156,35 +194,6 @@ def ensure_experiment(client, name: str, artifact_location: str | None = None) -
         if experiment is None:
             raise
     return experiment.experiment_id
-
-
-class NoClient:
-    """Takes any MlflowClient call and does nothing."""
-
-    def __getattr__(self, name: str):
-        return lambda *args, **kwargs: None
-
-
-class OtherProcessLogger(Logger):
-    """What the processes of a DDP run other than the first hold instead of an MLflow logger.
-
-    Lightning's MLflow logger connects to the store as it is made (MLflow opens, and for a new
-    SQLite file migrates, the database), in every process; only the first process writes the run,
-    so the others must not touch the store at all. Callbacks that need a logger (the learning-rate
-    monitor) still find one.
-    """
-
-    name, version, run_id, experiment_id = "mlflow", None, None, None
-
-    @property
-    def experiment(self) -> NoClient:
-        return NoClient()
-
-    def log_metrics(self, metrics, step=None) -> None:
-        pass
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
 
 
 def git_tags() -> dict[str, str]:
@@ -258,7 +267,7 @@ def replace_in_strings(value, old: str, new: str):
     return value.replace(old, new) if isinstance(value, str) else value
 
 
-def log_data(logger: MLFlowLogger, cache) -> None:
+def log_data(logger: MLFlowLogger | StoreRun, cache) -> None:
     """Which prepared data the run used, and the unreadable files that were left out of it."""
     skipped = cache.meta.get("skipped", [])
     logger.log_hyperparams({"data.cache": cache.dir.name, "data.skipped_images": len(skipped)})
@@ -313,13 +322,13 @@ def relative(path: Path) -> Path:
 
 @contextmanager
 def tracked_run(cfg, stage: str, *, tags: Mapping[str, str] | None = None,
-                **logger_options) -> Iterator[MLFlowLogger | None]:
+                **logger_options) -> Iterator[MLFlowLogger | StoreRun | None]:
     """The MLflow run of one entry script (train, evaluate, ensemble, report, prepare), from open to close.
 
     Opened with the script's tags (``run_tags``), it ends FINISHED when the block ends, KILLED when
     the user stopped it (Ctrl-C, SIGTERM: Lightning turns either into ``SystemExit`` after its
     graceful shutdown), FAILED on any error; then it says how to open it. ``logger_options`` go to
-    the logger (``run_id`` continues a run, ``log_model=False`` for scripts without checkpoints).
+    the logger (``run_id`` continues a run, ``trainer=False`` for scripts that train nothing).
     Yields None when the config has no logger (``logger=none``).
     """
     logger = instantiate_logger(cfg, stage, tags, logger_options)
@@ -336,7 +345,8 @@ def tracked_run(cfg, stage: str, *, tags: Mapping[str, str] | None = None,
     log_how_to_open(logger)
 
 
-def instantiate_logger(cfg, stage: str, tags: Mapping[str, str] | None, options: Mapping) -> MLFlowLogger | None:
+def instantiate_logger(cfg, stage: str, tags: Mapping[str, str] | None,
+                       options: Mapping) -> MLFlowLogger | StoreRun | None:
     from hydra.utils import instantiate
 
     if not cfg.get("logger"):
@@ -346,9 +356,9 @@ def instantiate_logger(cfg, stage: str, tags: Mapping[str, str] | None, options:
     return logger
 
 
-def close(logger: Logger | None, status: str) -> None:
-    """End the run as ``status`` (FINISHED, FAILED or KILLED); its checkpoints are logged first."""
-    if isinstance(logger, MLFlowLogger):
+def close(logger: Logger | StoreRun | None, status: str) -> None:
+    """End the run as ``status`` (FINISHED, FAILED or KILLED); a training's checkpoints are logged first."""
+    if logger is not None:
         logger.finalize(status)
 
 
@@ -374,14 +384,14 @@ def stopping_on(signum: int, before_stopping=None) -> Iterator[None]:
         signal.signal(signum, previous)
 
 
-def log_files(logger: MLFlowLogger, files: Iterable[Path]) -> None:
+def log_files(logger: MLFlowLogger | StoreRun, files: Iterable[Path]) -> None:
     for path in files:
         logger.experiment.log_artifact(logger.run_id, str(path))
 
 
-def log_how_to_open(logger: Logger | None) -> None:
+def log_how_to_open(logger: Logger | StoreRun | None) -> None:
     """The run's id, the command that opens the UI on its store and the run's address there."""
-    if isinstance(logger, MLFlowLogger):  # not in a DDP run's other processes (OtherProcessLogger)
+    if logger is not None and logger.run_id is not None:  # not in a DDP run's other processes (OtherProcessLogger)
         uri = logger.experiment.tracking_uri
         log.info(f"MLflow run {logger.run_id}. Open the UI with:\n  {ui_command(uri)}\n"
                  f"then {run_url(uri, logger.experiment_id, logger.run_id)}")

@@ -57,7 +57,7 @@ def prepare(cfg) -> ImageCache:
     from .. import tracking
 
     tracking.use_store(cfg.tracking_uri, cfg.paths.mlflow_db)  # a server must answer before any work
-    with tracking.tracked_run(cfg, "prepare", log_model=False) as logger:
+    with tracking.tracked_run(cfg, "prepare", trainer=False) as logger:
         cache = prepare_and_report(instantiate(cfg.data.source))
         if logger is not None:
             tracking.log_data(logger, cache)

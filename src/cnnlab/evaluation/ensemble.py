@@ -328,7 +328,7 @@ def ensemble(cfg) -> dict[str, dict[str, float]]:
     tracking.use_store(cfg.tracking_uri, cfg.paths.mlflow_db)  # a server must answer before any work
     members = [read_member(name, folder) for name, folder in folders.items()]
     check_compatible(members)
-    with tracking.tracked_run(cfg, "ensemble", tags=member_tags(members), log_model=False) as logger:
+    with tracking.tracked_run(cfg, "ensemble", tags=member_tags(members), trainer=False) as logger:
         probabilities = average([m.probabilities for m in members], list(weights.values()), cfg.average)
         targets = members[0].targets
         results = {m.name: metrics(m.probabilities, targets) for m in members}

@@ -60,7 +60,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     tracking.use_store(cfg.tracking_uri, cfg.paths.mlflow_db)  # where runs:/ references resolve
     module, train_run_id = load_checkpoint(str(cfg.ckpt))
     with tracking.tracked_run(cfg, "evaluate", tags={"cnnlab.train_run_id": train_run_id} if train_run_id else {},
-                              log_model=False) as logger:
+                              trainer=False) as logger:
         datamodule = instantiate(cfg.data)
         datamodule.prepare_data()  # the cache: its classes and its test split
         if module.classes != datamodule.classes:

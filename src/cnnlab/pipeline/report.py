@@ -271,7 +271,7 @@ def report(cfg: DictConfig) -> Path:
     for m in members:
         refs[f"cnnlab.member.{m.name}.train_run_id"] = m.train_run.info.run_id
         refs[f"cnnlab.member.{m.name}.run_id"] = m.evaluate_run.info.run_id
-    with tracking.tracked_run(cfg, "report", tags=refs, log_model=False) as logger:
+    with tracking.tracked_run(cfg, "report", tags=refs, trainer=False) as logger:
         out.mkdir(parents=True, exist_ok=True)
         files = [accuracy_chart(out / "accuracy.png", members, ensemble),
                  curves_chart(out / "curves.png", read_history(results / "pretrain" / "history.csv"), members)]

@@ -160,7 +160,7 @@ def summarise(cfg: DictConfig, measure: Callable[[dict, list[Trial]], Summary]) 
     params = read_params(cfg.params_file)
     trials = read_trials(params, Path(cfg.results_dir) / "trials")
     output = Path(cfg.output_dir)
-    with tracking.tracked_run(cfg, "study", tags={"cnnlab.study": cfg.study.name}, log_model=False) as logger:
+    with tracking.tracked_run(cfg, "study", tags={"cnnlab.study": cfg.study.name}, trainer=False) as logger:
         runs = stage_runs(logger.experiment, cfg.experiment, logger.run_id) if logger is not None else {}
         if runs:
             nest(logger.experiment, runs, logger.run_id, trials)
