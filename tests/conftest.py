@@ -1,10 +1,13 @@
 import os
 import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from script_server import PLAIN, ScriptServer
+from script_server import run as script_server_run
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -45,12 +48,28 @@ def tiny_overrides(root: Path) -> list[str]:
     ]
 
 
-def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run one of our entry scripts the way a user does, from the project root."""
+def script_env(env: dict | None = None) -> dict[str, str]:
     environment = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # only what the test sets
-    environment.update({"NO_ALBUMENTATIONS_UPDATE": "1", **(env or {})})
-    return subprocess.run([sys.executable, f"src/{script}", *args], cwd=ROOT, env=environment,
-                          capture_output=True, text=True, timeout=timeout)
+    return {**environment, "NO_ALBUMENTATIONS_UPDATE": "1", **(env or {})}
+
+
+_server: ScriptServer | None = None
+_server_lock = threading.Lock()
+
+
+def script_server() -> ScriptServer | None:
+    """This pytest process's script server, started on first use (none with CNNLAB_TEST_PLAIN=1)."""
+    global _server
+    with _server_lock:
+        if _server is None and not PLAIN:
+            _server = ScriptServer(script_env())
+        return _server
+
+
+def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run one of our entry scripts the way a user does, from the project root (forked from a process that
+    made its imports: tests/script_server.py)."""
+    return script_server_run(script_server(), [f"src/{script}", *args], script_env(env), timeout)
 
 
 @pytest.fixture
@@ -138,6 +157,8 @@ def unsafe_checkpoints(folder: Path):
 
 
 def pytest_sessionfinish(session):
+    if _server is not None:
+        _server.close()
     if hasattr(session.config, "workeroutput"):  # a pytest-xdist worker: its count goes to the controller
         session.config.workeroutput["checkpoints_scanned"] = (len(_scanned), _scan_seconds[0])
 

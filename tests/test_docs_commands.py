@@ -26,14 +26,13 @@ this file:
 Speed (the whole file: about 1 minute on 2 idle cores, under 2 with other jobs): the scripts run in
 processes forked from a server that imported torch, Lightning, MLflow and albumentations once (the
 same argv, working directory and environment as ``python src/...``, half the CPU time), two at a
-time, with one torch thread each. ``CNNLAB_DOCS_PLAIN=1`` runs each as a plain ``python src/...``
+time, with one torch thread each. ``CNNLAB_TEST_PLAIN=1`` runs each as a plain ``python src/...``
 process instead (about 3 minutes).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import queue
 import re
@@ -50,6 +49,7 @@ from pathlib import Path
 
 import pytest
 from conftest import CONF_DIR, ROOT, tiny_overrides
+from script_server import PLAIN, ScriptServer
 
 pytestmark = pytest.mark.slow
 
@@ -290,49 +290,6 @@ class Result:
         return f"$ {shlex.join(self.argv)}\n(exit {self.returncode}, {self.seconds:.1f} s)\n{self.output[-chars:]}"
 
 
-# Scripts run in processes forked from one that did the slow imports once: same argv, working
-# directory and environment as `python src/...`, about half the CPU time. Nothing in the server
-# touches torch beyond importing it, so its children start as a fresh process would after imports.
-SERVER = r"""
-import json, os, runpy, signal, sys, traceback
-sys.path.insert(0, os.path.abspath("src"))
-import albumentations, hydra, mlflow, pytorch_lightning, torch  # noqa: F401  the slow imports, once
-import cnnlab.training.run, cnnlab.evaluation.evaluate, cnnlab.evaluation.ensemble  # noqa: F401
-sys.path.pop(0)
-sys.stdout.flush(); sys.stderr.flush()
-for line in sys.stdin:
-    job = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            os.dup2(log, 1); os.dup2(log, 2); os.close(log)
-            nothing = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(nothing, 0); os.close(nothing)
-            os.environ.clear(); os.environ.update(job["env"])
-            signal.alarm(job["timeout"])
-            sys.argv = job["argv"]
-            sys.path.insert(0, os.path.abspath(os.path.dirname(sys.argv[0])))  # as `python src/x.py` has it
-            try:
-                runpy.run_path(sys.argv[0], run_name="__main__")
-                code = 0
-            except SystemExit as exit:
-                code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
-                if not isinstance(exit.code, (int, type(None))):
-                    print(exit.code, file=sys.stderr)
-            except BaseException:
-                traceback.print_exc()
-        finally:
-            try:
-                sys.stdout.flush(); sys.stderr.flush()
-            finally:
-                os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    print("EXIT", os.waitstatus_to_exitcode(status), flush=True)
-"""
-
-
 def script_env() -> dict[str, str]:
     """As conftest.run_script has it (only what the test sets reaches the scripts), and one torch thread per
     command: two commands run at once on two cores, and two threads each (torch's default there) made every
@@ -343,41 +300,28 @@ def script_env() -> dict[str, str]:
 
 
 class Runner:
-    """Runs `python src/<script>.py args`, forked from a server process, or plain (CNNLAB_DOCS_PLAIN=1)."""
+    """Runs `python src/<script>.py args` (tests/script_server.py: forked from a server, or plain), its
+    output in one log file, as a terminal would show it."""
 
     def __init__(self, logs: Path, name: str):
         self.logs, self.name, self.count = logs, name, 0
-        self.plain = os.environ.get("CNNLAB_DOCS_PLAIN") == "1"
-        if not self.plain:
-            with open(logs / f"server-{name}.log", "w") as log:
-                self.server = subprocess.Popen([sys.executable, "-c", SERVER], cwd=ROOT, env=script_env(), text=True,
-                                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+        self.server = None if PLAIN else ScriptServer(script_env())
 
     def python(self, argv: list[str]) -> Result:
         started = time.monotonic()
-        result = self._python(argv)
-        result.seconds = time.monotonic() - started
-        return result
-
-    def _python(self, argv: list[str]) -> Result:
         self.count += 1
-        if self.plain:
-            done = subprocess.run([sys.executable, *argv], check=False, cwd=ROOT, env=script_env(), capture_output=True,
-                                  text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
-            return Result(["python", *argv], done.returncode, done.stdout + done.stderr)
         log = self.logs / f"{self.name}-{self.count}.log"
-        self.server.stdin.write(json.dumps({"argv": argv, "env": script_env(), "log": str(log),
-                                            "timeout": TIMEOUT}) + "\n")
-        self.server.stdin.flush()
-        for line in self.server.stdout:
-            if line.startswith("EXIT "):
-                return Result(["python", *argv], int(line.split()[1]), log.read_text())
-        raise RuntimeError(f"the command server ended: {(self.logs / f'server-{self.name}.log').read_text()[-3000:]}")
+        if self.server is None:
+            done = subprocess.run([sys.executable, *argv], check=False, cwd=ROOT, env=script_env(),
+                                  stdout=log.open("w"), stderr=subprocess.STDOUT, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+            code = done.returncode
+        else:
+            code = self.server.run(argv, script_env(), TIMEOUT, log, log)
+        return Result(["python", *argv], code, log.read_text(), time.monotonic() - started)
 
     def close(self) -> None:
-        if not self.plain:
-            self.server.stdin.close()
-            self.server.wait(timeout=60)
+        if self.server is not None:
+            self.server.close()
 
 
 class Pool:

@@ -136,7 +136,8 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(trained, outside, given
 
 def test_the_suite_fails_a_test_that_leaves_an_unsafe_checkpoint(outside):
     """tests/conftest.py's scan, run on a small suite of its own: in a test's folder or a module fixture's."""
-    shutil.copy(ROOT / "tests" / "conftest.py", outside / "conftest.py")
+    for name in ("conftest.py", "script_server.py"):  # the conftest and what it imports
+        shutil.copy(ROOT / "tests" / name, outside / name)
     (outside / "test_inner.py").write_text(
         "import os\nimport pytest\nimport torch\n\n"
         "class Payload:\n    def __reduce__(self):\n        return os.system, ('true',)\n\n"
