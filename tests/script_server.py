@@ -34,8 +34,9 @@ for line in sys.stdin:
     if pid == 0:
         code = 1
         try:
-            out = os.open(job["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            err = out if job["stderr"] == job["stdout"] else os.open(job["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            write = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+            out = os.open(job["stdout"], write)
+            err = out if job["stderr"] == job["stdout"] else os.open(job["stderr"], write)
             os.dup2(out, 1); os.dup2(err, 2)
             nothing = os.open(os.devnull, os.O_RDONLY)
             os.dup2(nothing, 0)

@@ -312,9 +312,9 @@ class Runner:
         self.count += 1
         log = self.logs / f"{self.name}-{self.count}.log"
         if self.server is None:
-            done = subprocess.run([sys.executable, *argv], check=False, cwd=ROOT, env=script_env(),
-                                  stdout=log.open("w"), stderr=subprocess.STDOUT, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
-            code = done.returncode
+            with log.open("w") as output:
+                code = subprocess.run([sys.executable, *argv], check=False, cwd=ROOT, env=script_env(), stdout=output,
+                                      stderr=subprocess.STDOUT, timeout=TIMEOUT, stdin=subprocess.DEVNULL).returncode
         else:
             code = self.server.run(argv, script_env(), TIMEOUT, log, log)
         return Result(["python", *argv], code, log.read_text(), time.monotonic() - started)

@@ -128,7 +128,8 @@ class StoreRun:
 
         mlflow.set_tracking_uri(tracking_uri)  # as Lightning's logger does: runs:/ references resolve on it
         self.experiment, self.experiment_id = MlflowClient(tracking_uri), experiment_id
-        self.run_id = self.experiment.create_run(experiment_id, run_name=run_name, tags=resolve_tags(dict(tags))).info.run_id
+        run = self.experiment.create_run(experiment_id, run_name=run_name, tags=resolve_tags(dict(tags)))
+        self.run_id = run.info.run_id
 
     def log_hyperparams(self, params: Mapping[str, object]) -> None:
         from mlflow.entities import Param
