@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT
+from conftest import ROOT, script_server
 
 
 def is_result(name: str) -> bool:
@@ -49,13 +49,16 @@ def environment() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI" and not k.startswith("DVC_")}
     identity = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
                 "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
-    # stages run `python ...`: this interpreter's environment first
-    return {**env, **identity, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-            "NO_ALBUMENTATIONS_UPDATE": "1", "DVC_NO_ANALYTICS": "1"}
+    # stages run `python ...`: the script server's (tests/script_server.py), then this interpreter's environment
+    server = script_server()
+    path = [*([str(server.bin)] if server else []), str(Path(sys.executable).parent), env.get("PATH", "")]
+    return {**env, **identity, "PATH": os.pathsep.join(path), "NO_ALBUMENTATIONS_UPDATE": "1", "DVC_NO_ANALYTICS": "1"}
 
 
 def dvc(repo: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
     dvc_exe = Path(sys.executable).parent / "dvc"
+    if script_server():
+        script_server().wait()  # its imports done: the first stages reach it too
     result = subprocess.run([str(dvc_exe), *args], cwd=repo, env=environment(), capture_output=True, text=True,
                             timeout=timeout)
     assert result.returncode == 0, \

@@ -48,8 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import CONF_DIR, ROOT, tiny_overrides
-from script_server import PLAIN, ScriptServer
+from conftest import CONF_DIR, ROOT, script_server, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -300,34 +299,31 @@ def script_env() -> dict[str, str]:
 
 
 class Runner:
-    """Runs `python src/<script>.py args` (tests/script_server.py: forked from a server, or plain), its
-    output in one log file, as a terminal would show it."""
+    """Runs `python src/<script>.py args` (conftest.script_server: forked from the script server, or plain),
+    its output in one log file, as a terminal would show it."""
 
     def __init__(self, logs: Path, name: str):
         self.logs, self.name, self.count = logs, name, 0
-        self.server = None if PLAIN else ScriptServer(script_env())
 
     def python(self, argv: list[str]) -> Result:
         started = time.monotonic()
         self.count += 1
         log = self.logs / f"{self.name}-{self.count}.log"
-        if self.server is None:
+        if script_server() is None:
             with log.open("w") as output:
                 code = subprocess.run([sys.executable, *argv], check=False, cwd=ROOT, env=script_env(), stdout=output,
                                       stderr=subprocess.STDOUT, timeout=TIMEOUT, stdin=subprocess.DEVNULL).returncode
         else:
-            code = self.server.run(argv, script_env(), TIMEOUT, log, log)
+            code = script_server().run(argv, script_env(), TIMEOUT, log, log)
         return Result(["python", *argv], code, log.read_text(), time.monotonic() - started)
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
 
 
 class Pool:
-    """Two runners (their servers import in the background): two commands at a time, from any thread."""
+    """Two runners: two commands at a time (on the one script server, which imports in the background),
+    from any thread."""
 
     def __init__(self, logs: Path, size: int = 2):
+        script_server()  # started now: it imports while the store and the images are made
         self.runners: queue.Queue[Runner] = queue.Queue()
         for k in range(size):
             self.runners.put(Runner(logs, f"r{k}"))
@@ -340,10 +336,6 @@ class Pool:
             return Result(["python", *argv], -1, f"{type(error).__name__}: {error}")
         finally:
             self.runners.put(runner)
-
-    def close(self) -> None:
-        while not self.runners.empty():
-            self.runners.get().close()
 
 
 def run(argv: list[str]) -> Result:
@@ -680,67 +672,64 @@ def outcomes(tmp_path_factory) -> dict[str, tuple[str, Result]]:
     root = tmp_path_factory.mktemp("docs")
     logs = root / "logs"
     logs.mkdir()
-    pool = Pool(logs)  # the servers import while the store and the images are made
-    try:
-        from mlflow.tracking import MlflowClient
+    pool = Pool(logs)
+    from mlflow.tracking import MlflowClient
 
-        # one store for every command, made before any of them starts (two processes creating it at once race)
-        MlflowClient(f"sqlite:///{root / 'mlflow.db'}").create_experiment(
-            "cnnlab", artifact_location=(root / "mlartifacts").resolve().as_uri())
-        images = make_image_folder(root / "images")
-        tiny = tiny_overrides(root)
-        artifacts_ready: Future = Future()
+    # one store for every command, made before any of them starts (two processes creating it at once race)
+    MlflowClient(f"sqlite:///{root / 'mlflow.db'}").create_experiment(
+        "cnnlab", artifact_location=(root / "mlartifacts").resolve().as_uri())
+    images = make_image_folder(root / "images")
+    tiny = tiny_overrides(root)
+    artifacts_ready: Future = Future()
 
-        def make_artifacts() -> None:
-            try:
-                import torch
+    def make_artifacts() -> None:
+        try:
+            import torch
 
-                run_dir = root / "outputs" / "runs" / "tiny"
-                trained = pool.python(["src/train.py", *tiny, f"hydra.run.dir={run_dir}"])
-                assert trained.returncode == 0, trained.tail()
-                run_id = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu",
-                                    weights_only=True)["mlflow_run_id"]
-                evaluations = [root / "outputs" / "evaluate" / name for name in ("a", "b")]
-                with ThreadPoolExecutor(2) as both:
-                    for evaluated in both.map(pool.python, [
-                            ["src/evaluate.py", f"ckpt=runs:/{run_id}", *tiny, f"hydra.run.dir={evaluations[0]}"],
-                            ["src/evaluate.py", f"ckpt={run_dir}/checkpoints/best.ckpt", "tta=flip", *tiny,
-                             f"hydra.run.dir={evaluations[1]}"]]):
-                        assert evaluated.returncode == 0, evaluated.tail()
-                artifacts_ready.set_result(Artifacts(root, run_dir, run_id, evaluations, images, pool.python))
-            except BaseException as error:  # noqa: BLE001  every command that needs them reports it
-                artifacts_ready.set_exception(error)
+            run_dir = root / "outputs" / "runs" / "tiny"
+            trained = pool.python(["src/train.py", *tiny, f"hydra.run.dir={run_dir}"])
+            assert trained.returncode == 0, trained.tail()
+            run_id = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu",
+                                weights_only=True)["mlflow_run_id"]
+            evaluations = [root / "outputs" / "evaluate" / name for name in ("a", "b")]
+            with ThreadPoolExecutor(2) as both:
+                for evaluated in both.map(pool.python, [
+                        ["src/evaluate.py", f"ckpt=runs:/{run_id}", *tiny, f"hydra.run.dir={evaluations[0]}"],
+                        ["src/evaluate.py", f"ckpt={run_dir}/checkpoints/best.ckpt", "tta=flip", *tiny,
+                         f"hydra.run.dir={evaluations[1]}"]]):
+                    assert evaluated.returncode == 0, evaluated.tail()
+            artifacts_ready.set_result(Artifacts(root, run_dir, run_id, evaluations, images, pool.python))
+        except BaseException as error:  # noqa: BLE001  every command that needs them reports it
+            artifacts_ready.set_exception(error)
 
-        def real(command: Command) -> tuple[str, Result]:
-            try:
-                artifacts = (artifacts_ready.result() if needs_artifacts(command.text)
-                             else Artifacts(root, Path("<run>"), "<run id>", [], images))
-                args = shlex.split(substitute(command.text, artifacts))[1:]
-                argv = [*args, *tiny_setting(args[0], args[1:], root)]
-            except Exception as error:  # noqa: BLE001  reported by the command's own test
-                return command.text, Result([], -1, f"{type(error).__name__}: {error}")
-            return shlex.join(["python", *argv]), pool.python(argv)
+    def real(command: Command) -> tuple[str, Result]:
+        try:
+            artifacts = (artifacts_ready.result() if needs_artifacts(command.text)
+                         else Artifacts(root, Path("<run>"), "<run id>", [], images))
+            args = shlex.split(substitute(command.text, artifacts))[1:]
+            argv = [*args, *tiny_setting(args[0], args[1:], root)]
+        except Exception as error:  # noqa: BLE001  reported by the command's own test
+            return command.text, Result([], -1, f"{type(error).__name__}: {error}")
+        return shlex.join(["python", *argv]), pool.python(argv)
 
-        def reduced(command: Command) -> tuple[str, Result]:
-            entry = REDUCED[command.text]
-            try:
-                return entry.reason, entry.check(command.text, Artifacts(root, Path(), "", [], images, pool.python))
-            except Exception as error:  # noqa: BLE001
-                return entry.reason, Result([], -1, f"{type(error).__name__}: {error}")
+    def reduced(command: Command) -> tuple[str, Result]:
+        entry = REDUCED[command.text]
+        try:
+            return entry.reason, entry.check(command.text, Artifacts(root, Path(), "", [], images, pool.python))
+        except Exception as error:  # noqa: BLE001
+            return entry.reason, Result([], -1, f"{type(error).__name__}: {error}")
 
-        fixture = threading.Thread(target=make_artifacts)
-        fixture.start()
-        # beside the fixture's training: what needs nothing of it, the longest first (a sweep, then trainings)
-        order = sorted(REAL, key=lambda c: (needs_artifacts(c.text), " -m " not in f" {c.text} ",
-                                            "train.py" not in c.text))
-        with ThreadPoolExecutor(2) as lanes:
-            done = list(lanes.map(real, order)) + list(lanes.map(reduced, REDUCED_FOUND))
-        fixture.join()
-        results = dict(zip([c.text for c in [*order, *REDUCED_FOUND]], done))
-        (logs / "times.txt").write_text("".join(f"{r.seconds:6.1f} s  {text}\n" for text, (_, r) in results.items()))
-        return results
-    finally:
-        pool.close()
+    fixture = threading.Thread(target=make_artifacts)
+    fixture.start()
+    # beside the fixture's training: what needs nothing of it, the longest first (a sweep, then trainings)
+    order = sorted(REAL, key=lambda c: (needs_artifacts(c.text), " -m " not in f" {c.text} ",
+                                        "train.py" not in c.text))
+    with ThreadPoolExecutor(2) as lanes:
+        done = list(lanes.map(real, order)) + list(lanes.map(reduced, REDUCED_FOUND))
+    fixture.join()
+    results = dict(zip([c.text for c in [*order, *REDUCED_FOUND]], done))
+    (logs / "times.txt").write_text("".join(f"{r.seconds:6.1f} s  {text}\n" for text, (_, r) in results.items()))
+    return results
 
 
 def describe(command: Command) -> str:
