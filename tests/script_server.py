@@ -26,6 +26,7 @@ PLAIN = os.environ.get("CNNLAB_TEST_PLAIN") == "1"
 
 # What a client sends: an 8-byte length and that much JSON (argv, env, cwd, timeout), with its stdin,
 # stdout and stderr as file descriptors; what it gets back: the exit code, 4 bytes (negative: a signal).
+# Text, because the shim holds a copy of it: the shim runs without this module (python -S, any folder).
 SEND = r"""
 def send_job(path, argv, env, cwd, timeout, fds):
     import json, socket, struct
@@ -124,9 +125,9 @@ if argv and argv[0].endswith(".py") and os.path.exists({socket!r}):
     except OSError:
         code = None
     if code is not None:
-        if code < 0:
+        if code < 0:  # the script died of a signal: so does this process
             os.kill(os.getpid(), -code)
-        sys.exit(code)
+        sys.exit(code if code >= 0 else 128 - code)
 os.execv({python!r}, [{python!r}, *argv])
 """
 
