@@ -5,13 +5,12 @@ import csv
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from torch import nn
 
+from cnnlab import create_model
 from cnnlab.analysis.cost import count_macs, format_table, stage_costs, write_table
 from cnnlab.errors import ConfigError
-from conftest import CONF_DIR, run_script
+from conftest import run_script
 
 
 def conv(in_chs, out_chs, kernel, groups=1, padding=0):
@@ -47,10 +46,8 @@ def test_one_by_one_convolution_shape_and_cost():
 
 
 def build_meta(model: str, num_classes: int = 1000):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={model}"])
     with torch.device("meta"):
-        return instantiate(cfg.model, num_classes=num_classes)
+        return create_model(model, num_classes=num_classes)
 
 
 @pytest.mark.parametrize("model, gmacs, tolerance", [

@@ -231,3 +231,77 @@ def test_a_misspelt_block_option_is_a_config_error_naming_the_block():
     assert "block 'conv_bn_act': got an unexpected keyword argument 'kernal'" in \
         config_error("+model.block_defaults.conv_bn_act={kernal: 3}")
     assert config_error("model.stages.0.block=nope").startswith("unknown block 'nope'")
+
+
+# The Python API: cnnlab.create_model / list_models build what the configs build, without Hydra code.
+
+def shapes(net: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in net.state_dict().items()}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_create_model_builds_what_the_config_builds(model):
+    import cnnlab
+
+    with torch.device("meta"):
+        created = cnnlab.create_model(model, num_classes=7)
+    configured = build(model, num_classes=7, meta=True)
+    assert shapes(created) == shapes(configured) and created.name == configured.name
+
+
+def test_create_model_overrides_are_the_configs_keys():
+    import cnnlab
+
+    with torch.device("meta"):
+        slim = cnnlab.create_model("resnet18", num_classes=5, width_mult=0.25, depth_mult=2, in_chans=1)
+        plain = cnnlab.create_model("resnet18", block_defaults={"basic": {"residual": False}})
+        costly = cnnlab.create_model("inception_v1", block_defaults={"inception": {"reduce": False}})
+    assert shapes(slim) == shapes(build("resnet18", "scaling.width=0.25", "scaling.depth=2", "model.in_chans=1",
+                                        num_classes=5, meta=True))
+    assert shapes(plain) == shapes(build("plain18", meta=True))
+    assert count_parameters(costly) == count_parameters(
+        build("inception_v1", "model.block_defaults.inception.reduce=false", meta=True))
+
+
+def test_create_model_loads_pretrained_weights_from_a_file(tmp_path):
+    import cnnlab
+
+    torch.manual_seed(0)
+    trained = cnnlab.create_model("resnet_small", num_classes=4)
+    torch.save(trained.state_dict(), tmp_path / "weights.pth")
+    torch.manual_seed(1)
+    loaded = cnnlab.create_model("resnet_small", num_classes=4, pretrained=str(tmp_path / "weights.pth"))
+    assert all(torch.equal(value, loaded.state_dict()[key]) for key, value in trained.state_dict().items())
+
+
+def test_list_models_is_the_config_folder_filtered_by_a_pattern():
+    import cnnlab
+
+    assert cnnlab.list_models() == MODELS
+    assert cnnlab.list_models("efficientnet_b*") == [f"efficientnet_b{i}" for i in range(8)]
+    assert cnnlab.list_models("vgg1?_bn") == ["vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn"]
+    assert cnnlab.list_models("alexnet*") == []
+
+
+def test_create_model_refuses_an_unknown_name_or_option_in_one_line():
+    import cnnlab
+    from cnnlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^unknown model 'resnet19'; known models: efficientnet, "):
+        cnnlab.create_model("resnet19")
+    with pytest.raises(ConfigError, match=r"^resnet18 has no option widht_mult; its options: name, in_chans, "):
+        cnnlab.create_model("resnet18", widht_mult=0.5)
+
+
+def test_create_model_inside_a_running_hydra_app_leaves_its_config_alone(tmp_path):
+    """The studies build models inside src/study.py's Hydra app: create_model composes conf/ beside it."""
+    import cnnlab
+    from hydra.core.global_hydra import GlobalHydra
+
+    (tmp_path / "app.yaml").write_text("greeting: hello\n")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        with torch.device("meta"):
+            net = cnnlab.create_model("mobilenet_v1", num_classes=3)
+        assert GlobalHydra.instance().is_initialized()
+        assert compose("app").greeting == "hello"  # the app's own config, as before
+    assert net.head.fc.out_features == 3

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from cnnlab import create_model
 from cnnlab.analysis.cost import count_macs
 from cnnlab.models.blocks import InvertedResidual
 from cnnlab.resolvers import compound
@@ -58,17 +59,9 @@ def test_an_mbconv_block_costs_its_closed_form():
 @pytest.fixture(scope="module")
 def b0_macs():
     """Multiply-adds of EfficientNet-B0's stage table scaled by (w, d) at r px, built on the meta device."""
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
-
-    from conftest import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        model = compose("config", overrides=["model=efficientnet"]).model
-
     def macs(width: float = 1.0, depth: float = 1.0, size: int = 224) -> int:
         with torch.device("meta"):
-            net = instantiate(model, width_mult=width, depth_mult=depth, num_classes=1000)
+            net = create_model("efficientnet", width_mult=width, depth_mult=depth)
         return count_macs(net, (1, 3, size, size))
     return macs
 

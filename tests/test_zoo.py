@@ -4,8 +4,8 @@
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 
+from cnnlab import create_model
 from cnnlab.training.run import build
 from conftest import CONF_DIR, tiny_overrides
 
@@ -39,21 +39,21 @@ def forward_backward(net, resolution: int):
 
 @pytest.mark.parametrize("model", FAMILY_MEMBERS)
 @pytest.mark.parametrize("resolution", [32, 64, pytest.param(224, marks=pytest.mark.slow)])
-def test_each_family_runs_forward_and_backward(compose, model, resolution):
+def test_each_family_runs_forward_and_backward(model, resolution):
     torch.manual_seed(0)
-    net = instantiate(compose(f"model={model}").model, num_classes=10)
+    net = create_model(model, num_classes=10)
     logits = forward_backward(net, resolution)
     assert logits.shape == (2, 10) and torch.isfinite(logits).all()
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("model", ["resnet18", "mobilenet_v2", "efficientnet_b0", "googlenet", "vgg11"])
-def test_construction_is_deterministic_from_a_seed(compose, model):
-    cfg = compose(f"model={model}", "scaling.width=0.25") if model != "efficientnet_b0" else compose(f"model={model}")
+def test_construction_is_deterministic_from_a_seed(model):
+    slim = {"width_mult": 0.25} if model != "efficientnet_b0" else {}
 
     def weights(seed):
         torch.manual_seed(seed)
-        return instantiate(cfg.model, num_classes=10).state_dict()
+        return create_model(model, num_classes=10, **slim).state_dict()
 
     first, again, other = weights(0), weights(0), weights(1)
     assert all(torch.equal(first[k], again[k]) for k in first)

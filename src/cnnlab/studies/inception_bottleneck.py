@@ -20,6 +20,7 @@ from torch import nn
 
 from ..analysis.cost import count_macs, stage_costs, total_row
 from ..evaluation.evaluate import load_checkpoint
+from ..models import zoo
 from ..models.blocks import Inception
 from ..models.net import count_parameters
 from .separable_cost import about_ten
@@ -33,10 +34,7 @@ WITH, WITHOUT = "with 1x1", "without"
 
 def model_config(model: str, reduce: bool, width: float = 1.0):
     """The zoo's model config with or without the reductions, composed as train.py composes it."""
-    from hydra import compose
-
-    return compose("config", overrides=[f"model={model}", f"model.width_mult={width}",
-                                        f"model.block_defaults.inception.reduce={str(reduce).lower()}"]).model
+    return zoo.model_config(model, width_mult=width, block_defaults={"inception": {"reduce": reduce}})
 
 
 def inception_inputs(net: nn.Module, resolution: int) -> list[tuple[Inception, tuple[int, ...]]]:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..analysis.cost import count_macs, stage_costs, total_row
+from ..models import zoo
 from ..models.blocks import ConvBnAct, DepthwiseSeparable
 from .summary import Claim, Summary, figure, markdown_table, significant
 from .timing import forward, spread, timed_samples
@@ -110,10 +111,8 @@ def normal_twin(model_cfg):
 
 
 def model_config(model: str, width: float):
-    """The zoo's model config, composed as train.py composes it (the study runs inside Hydra's app)."""
-    from hydra import compose
-
-    return compose("config", overrides=[f"model={model}", f"model.width_mult={width}"]).model
+    """The zoo's model config, composed as train.py composes it."""
+    return zoo.model_config(model, width_mult=width)
 
 
 def measure_network(model_cfg, resolution: int, batch: int, repeats: int, min_block_s: float) -> dict:
