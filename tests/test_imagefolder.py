@@ -142,6 +142,9 @@ def test_train_on_a_folder_of_pngs_and_jpegs_listing_skipped_files_in_mlflow(tmp
     (run,) = client.search_runs([client.get_experiment_by_name("cnnlab").experiment_id])
     assert run.data.params["data.skipped_images"] == "3"
     assert run.data.params["data.cache"].startswith("imagefolder-")
+    [used] = run.inputs.dataset_inputs
+    assert f"{used.dataset.name}-{used.dataset.digest}" == run.data.params["data.cache"]
+    assert sum(json.loads(used.dataset.profile).values()) == 3 * 12  # the good images; the 3 bad files left out
     listed = json.loads(Path(client.download_artifacts(run.info.run_id, "data/skipped_images.json", str(tmp_path))).read_text())
     assert sorted(item["file"] for item in listed) == ["blue/truncated.png", "green/text.jpg", "red/empty.png"]
 

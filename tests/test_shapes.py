@@ -79,3 +79,13 @@ def test_prepare_script_builds_the_configured_cache_once(tmp_path):
     second = run_script("prepare.py", *tiny_overrides(tmp_path))
     assert second.returncode == 0 and "Generating" not in second.stderr
     assert (cache_dir / "train_images.npy").stat().st_mtime_ns == stamp
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("cnnlab").experiment_id])
+    assert len(runs) == 2  # both runs name the one cache as their dataset (the Dataset column)
+    for run in runs:
+        [used] = run.inputs.dataset_inputs
+        assert (used.dataset.name, used.dataset.digest) == ("shapes", cache_dir.name.removeprefix("shapes-"))
+        assert [(tag.key, tag.value) for tag in used.tags] == [("mlflow.data.context", "preparation")]

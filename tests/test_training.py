@@ -1,5 +1,6 @@
 """Real trainings through `python src/train.py`, read back from a real MLflow store."""
 
+import json
 import socket
 import subprocess
 import sys
@@ -62,6 +63,19 @@ def test_checkpoints_best_and_last_are_in_the_hydra_run_folder(trained):
     module = ImageClassifier.load_from_checkpoint(run_dir / "checkpoints" / "best.ckpt", map_location="cpu")
     assert module.classes[:2] == ["circle", "triangle"]
     assert module(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape == (1, 10)
+
+
+def test_run_records_its_data_as_an_mlflow_dataset_input(trained):
+    """What the runs table's Dataset column shows: the prepared cache, read back from the store."""
+    root, _ = trained
+    run = only_run(MlflowClient(f"sqlite:///{root}/mlflow.db"))
+    [cache] = (root / "data").glob("shapes-*")
+    [used] = run.inputs.dataset_inputs
+    assert (used.dataset.name, used.dataset.digest) == ("shapes", cache.name.removeprefix("shapes-"))
+    assert {tag.key: tag.value for tag in used.tags} == {"mlflow.data.context": "training"}
+    assert json.loads(used.dataset.profile) == {"train": 64, "val": 32, "test": 32}
+    assert json.loads(used.dataset.schema)["classes"] == json.loads((cache / "meta.json").read_text())["classes"]
+    assert json.loads(used.dataset.source) == {"path": str(cache.resolve())}
 
 
 def test_run_logs_params_metrics_artifacts_and_tags(trained):

@@ -268,12 +268,25 @@ def replace_in_strings(value, old: str, new: str):
     return value.replace(old, new) if isinstance(value, str) else value
 
 
-def log_data(logger: MLFlowLogger | StoreRun, cache) -> None:
-    """Which prepared data the run used, and the unreadable files that were left out of it."""
+def log_data(logger: MLFlowLogger | StoreRun, cache, context: str) -> None:
+    """Which prepared data the run used, and the unreadable files that were left out of it; the data is
+    also the run's MLflow dataset input (``context``: training, preparation), which the runs table's
+    Dataset column shows: the cache's name and settings hash, its folder, classes and split sizes."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    from .data.cache import SPLITS
+
     skipped = cache.meta.get("skipped", [])
     logger.log_hyperparams({"data.cache": cache.dir.name, "data.skipped_images": len(skipped)})
     if skipped:
         logger.experiment.log_dict(logger.run_id, skipped, "data/skipped_images.json")
+    name, _, digest = cache.dir.name.rpartition("-")  # <source>-<settings hash>, as data/cache.py names it
+    dataset = Dataset(name=name or cache.dir.name, digest=digest, source_type="local",
+                      source=json.dumps({"path": str(cache.dir.resolve())}),
+                      schema=json.dumps({"classes": cache.classes}),
+                      profile=json.dumps({split: len(cache.split(split).labels) for split in SPLITS}))
+    logger.experiment.log_inputs(logger.run_id, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
 
 def flatten(config: Mapping, prefix: str = "") -> dict[str, object]:

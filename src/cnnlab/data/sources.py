@@ -60,7 +60,7 @@ def prepare(cfg) -> ImageCache:
     with tracking.tracked_run(cfg, "prepare", trainer=False) as logger:
         cache = prepare_and_report(instantiate(cfg.data.source))
         if logger is not None:
-            tracking.log_data(logger, cache)
+            tracking.log_data(logger, cache, "preparation")
             logger.log_metrics({f"images/{split}": len(cache.split(split).labels) for split in SPLITS})
     return cache
 

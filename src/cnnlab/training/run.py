@@ -155,7 +155,7 @@ def train(cfg: DictConfig) -> float:
         if logger is not None and mlflow_run is None:  # a continued run has its params and config already
             logger.log_hyperparams(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
             logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-            tracking.log_data(logger, datamodule.cache)
+            tracking.log_data(logger, datamodule.cache, "training")
         if freeze.cache_features:
             datamodule = train_on_cached_features(datamodule, module, Path(cfg.paths.data_dir) / "features")
         with said_how_to_continue(), requeued_by_slurm():
