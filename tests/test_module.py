@@ -178,3 +178,38 @@ def test_one_cycle_fits_a_run_of_a_few_steps_and_refuses_fewer_than_three():
         assert max(rates) == pytest.approx(0.05) and rates[0] < 0.05 and rates[-1] < 0.05
     with pytest.raises(ConfigError, match="one_cycle needs 3 optimizer steps"):
         one_cycle(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.05), total_steps=2)
+
+
+def test_the_learning_rate_is_one_metric_per_distinct_rate(tmp_path):
+    """Four param groups at two rates (the weight-decay split, and layers unfrozen at a tenth): `lr` and
+    `lr/1`, not one chart per group, written by a real Lightning logger at each epoch's start."""
+    import csv
+
+    from pytorch_lightning.loggers import CSVLogger
+
+    from cnnlab.training.callbacks import LearningRates
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(4))
+
+        def training_step(self, batch, batch_idx):
+            x = batch[0]
+            for layer in self.layers:
+                x = layer(x)
+            return x.square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD([{"params": layer.parameters(), "lr": rate}
+                                    for layer, rate in zip(self.layers, (0.1, 0.1, 0.01, 0.01))])
+
+    data = DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=4)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=CSVLogger(tmp_path), callbacks=[LearningRates()],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Tiny(), data)
+    with open(next(tmp_path.rglob("metrics.csv")), newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [key for key in rows[0] if key.startswith("lr")] == ["lr", "lr/1"]
+    rates = [(float(row["lr"]), float(row["lr/1"]), int(row["step"])) for row in rows]
+    assert rates == [(0.1, 0.01, 0), (0.1, 0.01, 2)]

@@ -99,6 +99,9 @@ def test_run_logs_params_metrics_artifacts_and_tags(trained):
     assert {"config.yaml", "best/best.ckpt", "last/last.ckpt"} <= artifacts
     config = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(root)))
     assert "max_epochs: 1" in config.read_text()
+    # the learning rate once (its two param groups, with and without weight decay, share it), at the start
+    assert [key for key in run.data.metrics if key.startswith("lr")] == ["lr"]
+    assert run.data.metrics["lr"] == pytest.approx(float(run.data.params["optimizer.lr"]))
     assert str(root.resolve()) in run.info.artifact_uri  # artifacts next to the store, not in the cwd
 
 

@@ -89,6 +89,23 @@ class EpochLog(pl.Callback):
                  f"({lr}{time.perf_counter() - self.started:.1f} s)")
 
 
+class LearningRates(pl.Callback):
+    """The learning rate at each epoch's start as one metric, ``lr``: one chart in the MLflow UI.
+
+    Lightning's LearningRateMonitor logs every param group, and the weight-decay split (biases and
+    norms without decay) gives every run two identical ones. A rate that differs from the first
+    group's (layers unfrozen at a lower rate, training/finetune.py) is ``lr/<k>``, k counting the
+    distinct rates in group order.
+    """
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.logger is None or not trainer.optimizers:
+            return
+        rates = list(dict.fromkeys(group["lr"] for group in trainer.optimizers[0].param_groups))
+        metrics = {"lr": rates[0], **{f"lr/{k}": rate for k, rate in enumerate(rates[1:], start=1)}}
+        trainer.logger.log_metrics(metrics, step=trainer.global_step)
+
+
 class NonFiniteLoss(RunFailed):
     """The training loss became NaN or infinite."""
 
