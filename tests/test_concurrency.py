@@ -161,6 +161,42 @@ def test_four_trainings_at_once_on_a_fresh_sqlite_store(tmp_path):
         assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
 
 
+LOG_DATA_AT = r"""
+import sys, time
+from pathlib import Path
+from cnnlab import tracking
+from cnnlab.data.cache import ImageCache
+root, start = Path(sys.argv[1]), float(sys.argv[2])
+run = tracking.mlflow_logger("race", None, str(root / "mlflow.db"), str(root / "mlartifacts"), trainer=False)
+time.sleep(max(0.0, start - time.time()))
+tracking.log_data(run, ImageCache(root / "shapes-0123456789ab"), "training")
+run.finalize("FINISHED")
+"""
+
+
+def test_runs_recording_the_same_new_dataset_at_one_moment_each_record_it(tmp_path):
+    """MLflow stores a dataset once per experiment: six runs storing a new one at the same instant race
+    on its row (a UNIQUE constraint), as two trainings started together on new data do."""
+    import numpy as np
+
+    from cnnlab.data.cache import write_cache
+
+    write_cache(tmp_path / "shapes-0123456789ab", {split: (np.zeros((2, 8, 8, 3), np.uint8), np.zeros(2, np.int64))
+                                                  for split in ("train", "val", "test")}, {"classes": ["circle"]})
+    start = time.time() + 8  # every process has imported MLflow and opened its run by then
+    environment = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    processes = [subprocess.Popen([sys.executable, "-c", LOG_DATA_AT, str(tmp_path), str(start)], cwd=ROOT,
+                                  env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for _ in range(6)]
+    outputs = [process.communicate(timeout=120)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0] * 6, [output[-2000:] for output in outputs]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+    assert len(runs) == 6
+    assert all([(i.dataset.name, i.dataset.digest) for i in run.inputs.dataset_inputs] == [("shapes", "0123456789ab")]
+               for run in runs)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -286,7 +286,11 @@ def log_data(logger: MLFlowLogger | StoreRun, cache, context: str) -> None:
                       source=json.dumps({"path": str(cache.dir.resolve())}),
                       schema=json.dumps({"classes": cache.classes}),
                       profile=json.dumps({split: len(cache.split(split).labels) for split in SPLITS}))
-    logger.experiment.log_inputs(logger.run_id, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+    used = [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])]
+    try:
+        logger.experiment.log_inputs(logger.run_id, used)
+    except MlflowException:  # another run stored the same dataset at the same moment (UNIQUE constraint
+        logger.experiment.log_inputs(logger.run_id, used)  # failed): it is there now, and ours only links it
 
 
 def flatten(config: Mapping, prefix: str = "") -> dict[str, object]:
