@@ -141,7 +141,8 @@ class ScriptServer:
     ``python`` sends scripts to it, for the PATH of processes that start ours (dvc)."""
 
     def __init__(self, env: dict[str, str]):
-        self.folder = Path(tempfile.mkdtemp(prefix="script-server-"))
+        short = None if len(tempfile.gettempdir()) < 60 else "/tmp"  # a Unix socket's path holds 107 bytes at most
+        self.folder = Path(tempfile.mkdtemp(prefix="script-server-", dir=short))
         self.socket, self.bin = str(self.folder / "socket"), self.folder / "bin"
         self.bin.mkdir()
         shim = self.bin / "python"
