@@ -57,8 +57,9 @@ def environment() -> dict:
 
 def dvc(repo: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
     dvc_exe = Path(sys.executable).parent / "dvc"
-    if script_server():
-        script_server().wait()  # its imports done: the first stages reach it too
+    server = script_server()
+    if server is not None:
+        server.wait()  # its imports done: the first stages reach it too
     result = subprocess.run([str(dvc_exe), *args], cwd=repo, env=environment(), capture_output=True, text=True,
                             timeout=timeout)
     assert result.returncode == 0, \

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import CONF_DIR, ROOT, script_server, tiny_overrides
+from conftest import CONF_DIR, ROOT, script_env, script_server, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -289,13 +289,11 @@ class Result:
         return f"$ {shlex.join(self.argv)}\n(exit {self.returncode}, {self.seconds:.1f} s)\n{self.output[-chars:]}"
 
 
-def script_env() -> dict[str, str]:
-    """As conftest.run_script has it (only what the test sets reaches the scripts), and one torch thread per
-    command: two commands run at once on two cores, and two threads each (torch's default there) made every
-    tiny training 4x slower, the threads spinning against each other."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "CNNLAB_RUN_ID", "CNNLAB_ROOT")}
-    env.update({"NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1"})
-    return env
+def command_env() -> dict[str, str]:
+    """conftest.script_env (only what the test sets reaches the scripts), without a run id or root of the
+    test's own, and one torch thread per command: two commands run at once on two cores, and two threads each
+    (torch's default there) made every tiny training 4x slower, the threads spinning against each other."""
+    return {k: v for k, v in script_env({"OMP_NUM_THREADS": "1"}).items() if k not in ("CNNLAB_RUN_ID", "CNNLAB_ROOT")}
 
 
 class Runner:
@@ -311,10 +309,10 @@ class Runner:
         log = self.logs / f"{self.name}-{self.count}.log"
         if script_server() is None:
             with log.open("w") as output:
-                code = subprocess.run([sys.executable, *argv], check=False, cwd=ROOT, env=script_env(), stdout=output,
+                code = subprocess.run([sys.executable, *argv], check=False, cwd=ROOT, env=command_env(), stdout=output,
                                       stderr=subprocess.STDOUT, timeout=TIMEOUT, stdin=subprocess.DEVNULL).returncode
         else:
-            code = script_server().run(argv, script_env(), TIMEOUT, log, log)
+            code = script_server().run(argv, command_env(), TIMEOUT, log, log)
         return Result(["python", *argv], code, log.read_text(), time.monotonic() - started)
 
 
@@ -348,7 +346,7 @@ def run(argv: list[str]) -> Result:
 def _run(argv: tuple[str, ...]) -> Result:
     started = time.monotonic()
     path = f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"
-    done = subprocess.run(argv, check=False, cwd=ROOT, env=script_env() | {"PATH": path}, capture_output=True,
+    done = subprocess.run(argv, check=False, cwd=ROOT, env=command_env() | {"PATH": path}, capture_output=True,
                           text=True, timeout=120)
     return Result(list(argv), done.returncode, done.stdout + done.stderr, time.monotonic() - started)
 

@@ -17,8 +17,8 @@ class OtherProcessLogger(Logger):
 
     Lightning's MLflow logger connects to the store as it is made (MLflow opens, and for a new
     SQLite file migrates, the database), in every process; only the first process writes the run,
-    so the others must not touch the store at all. Callbacks that need a logger (the learning-rate
-    monitor) still find one.
+    so the others must not touch the store at all. Callbacks that log (the learning rate) still find a
+    logger, which keeps nothing.
     """
 
     name, version, run_id, experiment_id = "mlflow", None, None, None
