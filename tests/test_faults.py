@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 from PIL import Image
+from filelock import FileLock
 from mlflow.tracking import MlflowClient
 
 from conftest import ROOT, run_script
@@ -111,10 +112,15 @@ def test_a_full_disk_while_checkpointing_is_one_clear_line_and_keeps_the_last_ch
 
 
 def has_a_run(root) -> bool:
-    try:
-        return bool(only_run(root))
-    except Exception:  # no store, no experiment or no run yet
+    """Whether the script's run is open. The store is read under the lock our scripts create it under:
+    opening it while the script creates its tables races that creation (SQLAlchemy then sees half a schema)."""
+    if not (root / "mlflow.db").exists():
         return False
+    with FileLock(f"{root}/mlflow.db.lock", timeout=60):
+        try:
+            return bool(only_run(root))
+        except Exception:  # no experiment or no run yet
+            return False
 
 
 def test_a_script_other_than_train_closes_its_run_the_same_way_killed_or_failed(tmp_path):
