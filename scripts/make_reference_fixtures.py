@@ -11,7 +11,9 @@ from a per-tensor seeded ``torch.randint`` times a scale, which are the same flo
 Written:
 - ``keys.json``: for each reference model, its state dict's (key, shape) in order, as its checkpoint
   files have them (GoogLeNet with its auxiliary classifiers, as torchvision's weights file);
-- ``logits_<model>.pt``: an input batch and the reference model's logits with the synthetic weights.
+- ``logits_<model>.pt``: an input batch and the reference model's logits with the synthetic weights;
+- ``published_weights.json``: the ImageNet weights torchvision and timm publish for the models of conf/model/
+  (URL, the evaluation transform, normalisation, accuracy), which conf/model/*.yaml's ``weights`` must match.
 """
 
 from __future__ import annotations
@@ -75,6 +77,49 @@ def reference_models():
     }
 
 
+TORCHVISION = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn",
+               "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "googlenet", "mobilenet_v2",
+               *[f"efficientnet_b{i}" for i in range(8)]]
+
+
+def effective_normalisation(model_name: str, mean, std) -> tuple[list[float], list[float]]:
+    """The (mean, std) a model's weights learnt on: torchvision's GoogLeNet re-normalises its input
+    (``transform_input``), so pixels 0 and 1 are pushed through the transform and the model's own step."""
+    import torchvision.models as tv
+
+    pixels = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1).expand(2, 3, 1, 1)
+    normalised = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    if model_name == "googlenet":
+        normalised = tv.googlenet(transform_input=True, init_weights=False)._transform_input(normalised)
+    at_zero, at_one = normalised[0].flatten(), normalised[1].flatten()
+    scale = 1 / (at_one - at_zero)  # normalised = (pixel - m) / s  =>  s = 1 / (n(1) - n(0)), m = -n(0) * s
+    return [round(float(v), 6) for v in -at_zero * scale], [round(float(v), 6) for v in scale]
+
+
+def published_weights() -> dict:
+    import timm
+    import torchvision.models as tv
+
+    published = {}
+    for name in TORCHVISION:
+        enum = tv.get_model_weights(name)
+        entries = {"DEFAULT": enum.DEFAULT.name}
+        for weights in enum:
+            preset = weights.transforms()
+            mean, std = effective_normalisation(name, preset.mean, preset.std)
+            entries[weights.name] = {
+                "url": weights.url, "input_size": preset.crop_size[0], "resize_size": preset.resize_size[0],
+                "interpolation": preset.interpolation.value, "mean": mean, "std": std,
+                "top1": weights.meta["_metrics"]["ImageNet-1K"]["acc@1"]}
+        published[name] = entries
+    cfg = timm.models.get_pretrained_cfg("mobilenetv1_100")
+    published["mobilenet_v1"] = {"DEFAULT": cfg.tag, cfg.tag: {
+        "url": f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/model.safetensors",
+        "input_size": cfg.input_size[-1], "resize_size": round(cfg.input_size[-1] / cfg.crop_pct),
+        "interpolation": cfg.interpolation, "mean": list(cfg.mean), "std": list(cfg.std)}}
+    return published
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -97,6 +142,7 @@ def main():
                    OUT / f"logits_{name}.pt")
         print(f"{name}: logits std {logits.std():.3f}, max |logit| {logits.abs().max():.3f}")
     (OUT / "keys.json").write_text(json.dumps(keys, indent=0) + "\n")
+    (OUT / "published_weights.json").write_text(json.dumps(published_weights(), indent=1) + "\n")
     sizes = sum(p.stat().st_size for p in OUT.iterdir())
     print(f"{len(keys)} models in keys.json; fixtures {sizes / 1e6:.2f} MB in {OUT}")
 

@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from cnnlab.errors import ConfigError
+from cnnlab.models import create_model, list_models
 from cnnlab.models.pretrained import cached_file, load_pretrained, map_state_dict
 from cnnlab.training.module import ImageClassifier
 
@@ -247,3 +248,86 @@ def test_safetensors_files_load(compose, tmp_path):
     _, loaded = build(compose(*tiny_overrides(tmp_path), f"model.pretrained={path}"))
     for name, tensor in source.net.state_dict().items():
         assert torch.equal(tensor, loaded.net.state_dict()[name]), name
+
+
+# Published weights: conf/model/*.yaml's `weights`, model.pretrained=imagenet ------------------------------------------
+
+PUBLISHED = json.loads((FIXTURES / "published_weights.json").read_text())  # torchvision's and timm's own tables
+
+
+def model_weights(model: str) -> dict:
+    return config(model).model.weights or {}
+
+
+@pytest.mark.parametrize("model", sorted(PUBLISHED))
+def test_the_published_weights_are_torchvisions_and_timms_own(model):
+    """imagenet is the library's DEFAULT weights, imagenet_v1 its IMAGENET1K_V1 where the default is another;
+    the SHA-256 is the prefix torchvision's file name carries; GoogLeNet's mean and std are what its
+    transform_input makes of ImageNet-normalised pixels."""
+    reference, ours = PUBLISHED[model], model_weights(model)
+    expected = {"imagenet": reference[reference["DEFAULT"]]}
+    if "IMAGENET1K_V1" in reference and reference["DEFAULT"] != "IMAGENET1K_V1":
+        expected["imagenet_v1"] = reference["IMAGENET1K_V1"]
+    assert set(ours) == set(expected)
+    for name, entry in expected.items():
+        for key, value in entry.items():
+            assert ours[name][key] == (pytest.approx(value) if key in ("mean", "std", "top1") else value), (name, key)
+        file_name = entry["url"].rsplit("/", 1)[1]
+        assert ours[name].sha256 == (file_name.rsplit("-", 1)[1].split(".")[0] if model != "mobilenet_v1" else None)
+
+
+def test_models_without_published_weights_have_none():
+    published = {name for name in list_models() if model_weights(name)}
+    assert published == set(PUBLISHED)
+
+
+def test_the_data_normalisation_follows_the_weights_unless_set(recwarn):
+    from cnnlab.training.run import warn_if_normalised_unlike_the_weights
+
+    assert list(config("googlenet", "model.pretrained=imagenet").data.mean) == [0.5, 0.5, 0.5]
+    assert list(config("googlenet", "model.pretrained=imagenet").data.std) == [0.5, 0.5, 0.5]
+    assert list(config("resnet50", "model.pretrained=imagenet", "data=cifar10").data.std) == [0.229, 0.224, 0.225]
+    assert list(config("googlenet").data.std) == [0.25, 0.25, 0.25]  # no weights: the data's own
+    assert list(config("googlenet", "data=cifar10").data.mean) == [0.4914, 0.4822, 0.4465]
+
+    forced = config("googlenet", "model.pretrained=imagenet", "data.mean=[0.485,0.456,0.406]")
+    datamodule = instantiate(forced.data)
+    with pytest.warns(UserWarning, match=r"differ from the normalisation the imagenet weights of googlenet learnt on "
+                                         r"\(mean \[0.5, 0.5, 0.5\], std \[0.5, 0.5, 0.5\]\)"):
+        warn_if_normalised_unlike_the_weights(forced.model, datamodule)
+    followed = config("googlenet", "model.pretrained=imagenet")
+    warn_if_normalised_unlike_the_weights(followed.model, instantiate(followed.data))
+    assert not [w for w in recwarn if "normalisation" in str(w.message)]
+
+
+def test_pretrained_imagenet_loads_the_published_file_and_the_net_carries_its_preprocessing(tmp_path, offline):
+    net = build("mobilenet_v1", "scaling.width=0.25", num_classes=10)
+    path, sha = _hashed_copy(tmp_path, {f"net.{k}": v for k, v in net.state_dict().items()})
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    path.rename(cache / f"mobilenet_v1-{sha[:8]}.pth")
+    url = f"https://example.invalid/weights/mobilenet_v1-{sha[:8]}.pth"  # stands in for the Hugging Face URL
+    overrides = ("scaling.width=0.25", f"model.weights.imagenet.url={url}", f"model.weights.imagenet.sha256={sha[:8]}",
+                 f"model.pretrained_cache_dir={cache}", "model.pretrained=imagenet")
+    loaded = build("mobilenet_v1", *overrides, num_classes=10)
+    assert torch.equal(loaded.head.fc.weight, net.head.fc.weight)
+    assert loaded.pretrained_cfg["url"] == url and loaded.pretrained_cfg["input_size"] == 224
+    assert list(loaded.pretrained_cfg["mean"]) == [0.5, 0.5, 0.5] and build("mobilenet_v1").pretrained_cfg is None
+    # the checksum is the entry's: a file that does not match it is refused
+    with pytest.raises(ConfigError, match="does not match the SHA-256 prefix 00000000"):
+        create_model("mobilenet_v1", num_classes=10, pretrained="imagenet", width_mult=0.25, pretrained_cache_dir=cache,
+                     weights={"imagenet": {"url": url, "sha256": "00000000"}})
+
+
+def test_a_name_that_is_no_published_weights_is_refused_in_one_line():
+    from cnnlab import schema
+
+    with pytest.raises(ConfigError, match=r"model.pretrained='imagenet21k' names no published weights of resnet50 "
+                                          r"\(imagenet, imagenet_v1\) and no file"):
+        create_model("resnet50", pretrained="imagenet21k")
+    with pytest.raises(ConfigError, match=r"^model.pretrained=imagenet: must be null, false, a file, an http"):
+        schema.validate(config("plain18", "model.pretrained=imagenet"), schema.Cost)
+    with pytest.raises(ConfigError, match=r"^model.pretrained=imagenet21k: must be null, false, imagenet or "
+                                          r"imagenet_v1 \(this model's published weights\), a file"):
+        schema.validate(config("resnet50", "model.pretrained=imagenet21k"), schema.Cost)
+    schema.validate(config("resnet50", "model.pretrained=imagenet_v1"), schema.Cost)

@@ -1,4 +1,4 @@
-"""Config resolvers: compound scaling, and unique run folder names. Importing ``cnnlab`` (any entry
+"""Config resolvers: compound scaling, unique run folder names, the normalisation of published weights. Importing ``cnnlab`` (any entry
 script does) registers them, before any config is resolved.
 
 Compound scaling (EfficientNet): depth, width and resolution grow together with one knob, phi.
@@ -17,6 +17,7 @@ import functools
 import os
 import secrets
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -134,6 +135,21 @@ def process_log(job_name: str) -> str:
     return f"{job_name}.log" if label is None else f"{job_name}.{label}.log"
 
 
+def published_weights(model) -> Mapping | None:
+    """The entry of ``model.weights`` (the model's published weights, conf/model/) that ``model.pretrained``
+    names (``model.pretrained=imagenet``), or None: no pretrained weights, or a file, URL or run."""
+    pretrained, weights = model.get("pretrained"), model.get("weights") or {}
+    return weights.get(pretrained) if isinstance(pretrained, str) else None
+
+
+def from_weights(key: str, default, *, _root_):
+    """``${from_weights:mean,[0.5,0.5,0.5]}``: the published weights' ``key`` when ``model.pretrained`` names
+    them, else ``default``. The data configs take their normalisation from it, so that it follows the
+    weights (torchvision's GoogLeNet learnt on mean 0.5, std 0.5; the others on ImageNet's statistics)."""
+    entry = published_weights(_root_.get("model") or {})
+    return default if entry is None else entry[key]
+
+
 def first_process_only(value):
     """``value`` in the run's first process, null in the others (Hydra writes no .hydra/ for null)."""
     return value if is_first_process() else None
@@ -143,3 +159,4 @@ OmegaConf.register_new_resolver("run_id", run_id, replace=True)
 OmegaConf.register_new_resolver("run_folder", run_folder, replace=True)
 OmegaConf.register_new_resolver("process_log", process_log, replace=True)
 OmegaConf.register_new_resolver("first_process_only", first_process_only, replace=True)
+OmegaConf.register_new_resolver("from_weights", from_weights, replace=True)

@@ -213,9 +213,10 @@ class AuxHead(Section):
 class Model(Section):
     name: FileName = None         # names the cached features' folder (training/features.py)
     in_chans: Count = None
-    pretrained: rule("null, false, a file, an http(s) URL or runs:/<mlflow run id>",
-                     lambda v: v is None or v is False or is_existing_file(v) or is_run_reference(v)
-                     or isinstance(v, str) and v.startswith(("http://", "https://"))) = None
+    pretrained: Any = None  # checked with the names in `weights` (pretrained_is_known below)
+    weights: rule("a mapping of names to published weights, each with its url, mean and std, or null",
+                  lambda v: v is None or isinstance(v, Mapping) and all(
+                      isinstance(e, Mapping) and {"url", "mean", "std"} <= set(e) for e in v.values())) = None
     pretrained_cache_dir: rule("a path, or null", lambda v: v is None or isinstance(v, str) and v != "") = None
     width_mult: Positive = None
     depth_mult: Positive = None
@@ -230,6 +231,16 @@ class Model(Section):
     stages: rule("a non-empty list of stages", lambda v: isinstance(v, list) and len(v) > 0) = None
     aux_heads: Flag = None
     aux_head: AuxHead = None
+
+    @model_validator(mode="after")
+    def pretrained_is_known(self):
+        value, names = self.pretrained, list(self.weights or {})
+        if not (value is None or value is False or value in names or is_existing_file(value)
+                or is_run_reference(value) or isinstance(value, str) and value.startswith(("http://", "https://"))):
+            published = f"{' or '.join(names)} (this model's published weights), " if names else ""
+            raise refuse("model.pretrained", value,
+                         f"null, false, {published}a file, an http(s) URL or runs:/<mlflow run id>")
+        return self
 
 
 class FreezeStages(Section):

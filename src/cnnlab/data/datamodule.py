@@ -188,6 +188,13 @@ class ImageDataModule(pl.LightningDataModule):
         return [name for name, transform in self.augment.items() if transform is not None]
 
     @property
+    def stored_size(self) -> int:
+        """The side of the cached images: files are decoded to this square before the resize to ``image_size``."""
+        if self.cache is None:
+            self.prepare_data()
+        return int(self.cache.split("train").images.shape[1])
+
+    @property
     def classes(self) -> list[str]:
         if self.cache is None:
             self.prepare_data()

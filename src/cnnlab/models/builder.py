@@ -24,7 +24,7 @@ from ..errors import ConfigError
 
 from .blocks import BLOCKS, DropPath
 from .net import AuxHead, ClassifierHead, Net
-from .pretrained import load_pretrained
+from .pretrained import load_pretrained, weights_source
 
 LAYOUT_KEYS = ("block", "repeats", "stride", "widen_only")  # read by the builder, not passed to blocks
 
@@ -103,8 +103,8 @@ def build_net(stem: Sequence[Mapping], stages: Sequence[Mapping], num_classes: i
               head_pool: int = 1, head_hidden: Sequence[int] = (), drop_path_rate: float = 0.0,
               bn_eps: float | None = None, bn_momentum: float | None = None,
               min_resolution: int | None = None, pretrained: str | None = None,
-              pretrained_cache_dir: str | None = None, aux_heads: bool = False,
-              aux_head: Mapping | None = None) -> Net:
+              pretrained_cache_dir: str | None = None, weights: Mapping[str, Mapping] | None = None,
+              aux_heads: bool = False, aux_head: Mapping | None = None) -> Net:
     """Build a ``Net`` from its stem layers and stage table, scaled by width and depth.
 
     ``head_pool``/``head_hidden`` give VGG's 7x7-pooled classifier with hidden FC layers;
@@ -113,9 +113,10 @@ def build_net(stem: Sequence[Mapping], stages: Sequence[Mapping], num_classes: i
     (GoogLeNet and EfficientNet B5-B7 differ from PyTorch's defaults); ``min_resolution`` makes
     smaller inputs a clear error. ``aux_heads`` adds the side classifiers that ``aux_head``
     describes (GoogLeNet's, read only by ``Net.forward_with_aux`` in training; their ``*_chs``
-    scale with the width, ``aux_head.weight`` is their loss weight). ``pretrained`` (a file or
-    URL, see ``pretrained.py``) loads weights into the built net; URLs are cached in
-    ``pretrained_cache_dir``.
+    scale with the width, ``aux_head.weight`` is their loss weight). ``pretrained`` (a name from
+    ``weights``, the model's published weights, or a file or URL, see ``pretrained.py``) loads weights
+    into the built net; URLs are cached in ``pretrained_cache_dir``. Published weights leave their entry
+    (URL, mean, std, input size) on the net as ``net.pretrained_cfg``, as timm's models carry theirs.
     """
     stem, stages, head_hidden = _plain(stem), _plain(stages), _plain(head_hidden)
     block_defaults = _plain(block_defaults or {})
@@ -144,7 +145,9 @@ def build_net(stem: Sequence[Mapping], stages: Sequence[Mapping], num_classes: i
         bn.eps = bn.eps if bn_eps is None else bn_eps
         bn.momentum = bn.momentum if bn_momentum is None else bn_momentum
     if pretrained:
-        load_pretrained(net, pretrained, pretrained_cache_dir)
+        weights = _plain(weights or {})
+        load_pretrained(net, weights_source(str(pretrained), weights, name), pretrained_cache_dir)
+        net.pretrained_cfg = weights.get(str(pretrained))
     return net
 
 

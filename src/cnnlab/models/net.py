@@ -90,6 +90,7 @@ class Net(nn.Module):
         self.aux_heads = nn.ModuleDict(aux_heads) if aux_heads else None  # None: no params, no state keys
         self.aux_at = {k: tuple(v) for k, v in (aux_at or {}).items()} if aux_heads else {}
         self.aux_weight = aux_weight  # the weight of the summed aux losses in training (paper: 0.3)
+        self.pretrained_cfg: Mapping | None = None  # the published weights loaded (url, mean, std, sizes), if any
 
     def _check_size(self, x: torch.Tensor) -> None:
         # below its minimum a family's downsampling runs out of pixels; say so instead of a shape error

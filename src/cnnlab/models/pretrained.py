@@ -1,6 +1,8 @@
 """Pretrained weights: torchvision's and timm's ImageNet checkpoints, or one of our own runs.
 
-``model.pretrained=`` names a local file, an http(s) URL or one of our MLflow runs (``runs:/<run id>``
+``model.pretrained=`` names the model's published weights (``imagenet``: an entry of ``model.weights``
+in conf/model/, with its URL, SHA-256 and the preprocessing it was trained with), a local file, an
+http(s) URL or one of our MLflow runs (``runs:/<run id>``
 for its best checkpoint, ``runs:/<run id>/last/last.ckpt`` for another artifact). What the file holds is read from its
 keys, not declared: a Lightning checkpoint of a cnnlab run (``state_dict`` with ``net.*`` keys), a
 bare cnnlab state dict (``stem.*``, ``stages.*``, ``head.*``), or a torchvision ResNet, VGG,
@@ -102,6 +104,19 @@ def cached_file(url: str, cache_dir: str | Path | None = None) -> Path:
         raise ConfigError(f"cached {target} does not match the SHA-256 prefix {expected} of {url}; "
                           "delete it to download it again")
     return target
+
+
+def weights_source(pretrained: str, weights: Mapping[str, Mapping] | None, model: str) -> str:
+    """Where ``pretrained`` is: the URL of the published weights it names (their SHA-256 prefix as the
+    URL's ``#sha256=``), else itself (a file, URL or run). A bare word that names neither is refused."""
+    entry = (weights or {}).get(pretrained)
+    if entry is not None:
+        return entry["url"] + (f"#sha256={entry['sha256']}" if entry.get("sha256") else "")
+    if re.fullmatch(r"\w+", pretrained) and not Path(pretrained).exists():
+        names = ", ".join(weights or {}) or "none"
+        raise ConfigError(f"model.pretrained={pretrained!r} names no published weights of {model} ({names}) "
+                          "and no file")
+    return pretrained
 
 
 def read_state_dict(source: str | Path, cache_dir: str | Path | None = None) -> dict[str, torch.Tensor]:

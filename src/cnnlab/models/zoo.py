@@ -46,9 +46,15 @@ def model_config(name: str, **overrides) -> DictConfig:
 def create_model(name: str, num_classes: int = 1000, pretrained: str | None = None, **overrides):
     """The ``Net`` that ``model=<name>`` builds, for ``num_classes`` classes; ``pretrained``: weights to
     load (a file or URL, as ``model.pretrained``); ``overrides``: keys of the model's config."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    return instantiate(model_config(name, pretrained=pretrained, **overrides), num_classes=num_classes)
+    try:
+        return instantiate(model_config(name, pretrained=pretrained, **overrides), num_classes=num_classes)
+    except InstantiationException as error:  # Hydra's wrapping adds nothing to our own one-line errors
+        if isinstance(error.__cause__, ConfigError):
+            raise error.__cause__ from None
+        raise
 
 
 def _compose(*overrides: str) -> DictConfig:

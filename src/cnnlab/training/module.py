@@ -80,12 +80,15 @@ class ImageClassifier(pl.LightningModule):
     Images arrive as uint8 (N, 3, H, W), pixels 0-255, and are normalised here, on the accelerator,
     which keeps the DataLoader workers and the host-to-device copies four times lighter than
     float32. So ``module(images)`` takes uint8 images and refuses floats; ``module.net`` is the bare
-    network on normalised float images.
+    network on normalised float images. ``image_size`` and ``stored_size`` record how its images were
+    made (decoded to ``stored_size`` squares, then resized and centre-cropped to ``image_size``), so that
+    prediction and export prepare a user's images the same way.
     """
 
     def __init__(self, model: Mapping, classes: Sequence[str], optimizer: Mapping, scheduler: Mapping | None = None,
                  label_smoothing: float = 0.0, mean: Sequence[float] = (0.5, 0.5, 0.5),
-                 std: Sequence[float] = (0.25, 0.25, 0.25)):
+                 std: Sequence[float] = (0.25, 0.25, 0.25), image_size: int | None = None,
+                 stored_size: int | None = None):
         super().__init__()
         # The run logs its whole config itself; logging these again would only duplicate params.
         self.save_hyperparameters(logger=False)

@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_warn
 
 from .. import tracking
 from ..checkpoints import read_checkpoint
@@ -27,6 +28,7 @@ from ..data.datamodule import per_process_batch
 from ..errors import ConfigError
 from ..files import write_text
 from ..launch import is_first_process
+from ..resolvers import published_weights
 from ..tracking import relative
 from .callbacks import NonFiniteLoss
 from .features import train_on_cached_features
@@ -91,10 +93,26 @@ def _plain(node):
 def build(cfg: DictConfig) -> tuple[ImageDataModule, ImageClassifier]:
     """The data module and the model module a config describes."""
     datamodule = instantiate(cfg.data, augment=instantiate(cfg.augment), seed=cfg.seed)
+    warn_if_normalised_unlike_the_weights(cfg.model, datamodule)
     module = ImageClassifier(model=_plain(cfg.model), classes=datamodule.classes, optimizer=_plain(cfg.optimizer),
                              scheduler=_plain(cfg.scheduler), label_smoothing=cfg.label_smoothing,
-                             mean=datamodule.mean, std=datamodule.std)
+                             mean=datamodule.mean, std=datamodule.std, image_size=datamodule.image_size,
+                             stored_size=datamodule.stored_size)
     return datamodule, module
+
+
+def warn_if_normalised_unlike_the_weights(model: DictConfig, datamodule: ImageDataModule) -> None:
+    """The data's normalisation follows published weights (``from_weights`` in conf/data/); a user who set
+    data.mean or data.std to something else is told, once: the pretrained layers then see inputs unlike
+    those they learnt from (a GoogLeNet fed ImageNet-normalised pixels instead of [-1, 1] loses accuracy)."""
+    entry = published_weights(model)
+    if entry is None:
+        return
+    given, wanted = (datamodule.mean, datamodule.std), (tuple(entry["mean"]), tuple(entry["std"]))
+    if any(abs(a - b) > 1e-6 for g, w in zip(given, wanted) for a, b in zip(g, w)):
+        rank_zero_warn(f"data.mean={list(given[0])}, data.std={list(given[1])} differ from the normalisation the "
+                       f"{model.pretrained} weights of {model.name} learnt on (mean {list(wanted[0])}, std "
+                       f"{list(wanted[1])}); leave data.mean/std unset to use theirs")
 
 
 def not_an_advertisement(record: logging.LogRecord) -> bool:
