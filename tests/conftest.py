@@ -175,3 +175,16 @@ def pytest_terminal_summary(terminalreporter, config):
     count = len(_scanned) + sum(c for c, _ in workers)
     seconds = _scan_seconds[0] + sum(s for _, s in workers)
     terminalreporter.write_line(f"checkpoints scanned for pickled code: {count} files in {seconds:.1f} s")
+
+
+def photographs() -> dict[str, Path]:
+    """{class: the photo its images are cut from}, found where the installed packages keep them."""
+    sklearn = pytest.importorskip("sklearn", reason="scikit-learn ships china.jpg and flower.jpg")
+    matplotlib = pytest.importorskip("matplotlib", reason="matplotlib ships grace_hopper.jpg")
+    sample_images = Path(sklearn.__file__).parent / "datasets" / "images"
+    photos = {"china": sample_images / "china.jpg", "flower": sample_images / "flower.jpg",
+              "hopper": Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"}
+    for path in photos.values():
+        if not path.is_file():
+            pytest.skip(f"{path} is not installed")
+    return photos

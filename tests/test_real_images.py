@@ -15,23 +15,10 @@ from PIL import Image
 
 from cnnlab.data import ImageFolderSource
 from cnnlab.errors import ConfigError
-from conftest import run_script
+from conftest import photographs, run_script
 
 SIZE = 32  # stored_size: small, so the tests stay fast
 CROPS_PER_CLASS = 30
-
-
-def photographs() -> dict[str, Path]:
-    """{class: the photo its images are cut from}, found where the installed packages keep them."""
-    sklearn = pytest.importorskip("sklearn", reason="scikit-learn ships china.jpg and flower.jpg")
-    matplotlib = pytest.importorskip("matplotlib", reason="matplotlib ships grace_hopper.jpg")
-    sample_images = Path(sklearn.__file__).parent / "datasets" / "images"
-    photos = {"china": sample_images / "china.jpg", "flower": sample_images / "flower.jpg",
-              "hopper": Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"}
-    for path in photos.values():
-        if not path.is_file():
-            pytest.skip(f"{path} is not installed")
-    return photos
 
 
 @pytest.fixture(scope="module")

@@ -415,6 +415,27 @@ class Evaluate(Tracked):
         return self
 
 
+class Predict(Tracked):
+    ckpt: rule("an existing checkpoint file, runs:/<mlflow run id> or an exported .onnx file",
+               lambda v: is_existing_file(v) or is_run_reference(v)) = None
+    images: rule("an existing image file or folder", lambda v: isinstance(v, str) and Path(v).expanduser().exists()) = None
+    top_k: Count = None
+    batch_size: Count = None
+    num_workers: Workers = None
+    shown: Index = None
+    tta: Tta = None
+
+
+class Export(Tracked):
+    ckpt: rule("an existing checkpoint file or runs:/<mlflow run id>",
+               lambda v: is_existing_file(v) or is_run_reference(v)) = None
+    format: rule("onnx", lambda v: v == "onnx") = None
+    quantize: rule("null or int8", lambda v: v is None or v == "int8") = None
+    calibration_images: Count = None
+    opset: rule("an integer >= 18 (torch's dynamo exporter)", lambda v: is_integer(v) and v >= 18) = None
+    data: Data = None
+
+
 class Ensemble(Tracked):
     """members, weights and average are checked by evaluation/ensemble.py, before it reads or writes anything."""
 

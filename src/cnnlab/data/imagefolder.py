@@ -147,14 +147,14 @@ def class_files(tree: Path) -> dict[str, list[Path]]:
     """{class: files} for the class folders in ``tree``; files in sub-folders belong to their class folder."""
     found = {}
     for class_dir in _subfolders(tree):
-        files = _image_files(class_dir)
+        files = image_files(class_dir)
         if not files:
             raise ConfigError(f"no images ({', '.join(sorted(EXTENSIONS))}) in class folder {class_dir}")
         found[class_dir.name] = files
     return found
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     """The files with an image extension in ``folder`` and its sub-folders, sorted.
 
     Links to folders are not followed, so a link loop (a/b -> a) ends. A link to a file that is gone,
@@ -229,8 +229,14 @@ def _refuse_bombs(image: Image.Image, limit: int) -> None:
 def decode(path: Path, stored_size: int) -> tuple[np.ndarray | None, str]:
     """One file, as every ingest decodes it: (its pixels, the SHA-256 of its bytes), or (None, the
     error in one line) when Pillow cannot read it."""
+    image, error = read_image(path, stored_size)
+    return (image, _sha256(path)) if image is not None else (None, error)
+
+
+def read_image(path: Path, stored_size: int) -> tuple[np.ndarray | None, str]:
+    """(its pixels, "") or (None, why it cannot be read, in one line): ``load_rgb`` for files that may be bad."""
     try:
-        return load_rgb(path, stored_size), _sha256(path)
+        return load_rgb(path, stored_size), ""
     except UNREADABLE as error:
         return None, f"{type(error).__name__}: {error}".splitlines()[0]
 
