@@ -170,3 +170,84 @@ def test_a_folder_without_images_is_one_line(trained, tmp_path):
                         f"paths.root_dir={root}")
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(
         f"Error: no image files (.bmp, .jpeg, .jpg, .png, .webp) in {tmp_path}/empty"), result.stderr[-2000:]
+
+
+def mlflow_predictions(table) -> list[tuple[str, list[float]]]:
+    return [(row["class"], list(row["probabilities"])) for row in table]
+
+
+def test_the_training_registered_its_model_and_the_pyfunc_predicts_like_predict_py(trained):
+    import mlflow
+    import pandas as pd
+
+    root, run_folder, run, _ = trained
+    files = split_files(trained)[0][:5]
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    [version] = client.search_model_versions("name='cnnlab-resnet_small'")
+    assert version.run_id == run.info.run_id and int(version.version) == 1
+
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    model = mlflow.pyfunc.load_model("models:/cnnlab-resnet_small/1")
+    assert [c.name for c in model.metadata.signature.inputs] == ["image"]
+    assert model.metadata.metadata["classes"] == ["china", "flower", "hopper"]
+    table = model.predict(pd.DataFrame({"image": [f.read_bytes() for f in files]})).to_dict("records")
+
+    inbox = root / "pyfunc_inbox"
+    inbox.mkdir()
+    for i, path in enumerate(files):
+        shutil.copyfile(path, inbox / f"{i}{path.suffix}")
+    _, output, _ = predict(root, "pyfunc", f"ckpt={run_folder}/checkpoints/best.ckpt", f"images={inbox}", "top_k=3")
+    by_name = {Path(row["path"]).name: {t["class"]: t["probability"] for t in row["top_k"]} for row in output["predictions"]}
+    for i, (path, (best, probabilities)) in enumerate(zip(files, mlflow_predictions(table))):
+        expected = by_name[f"{i}{path.suffix}"]
+        assert best == max(expected, key=expected.get)
+        assert probabilities == pytest.approx([expected[c] for c in ("china", "flower", "hopper")], abs=1e-5)
+
+
+def test_mlflow_models_serve_answers_on_image_files(trained, tmp_path):
+    """A real `mlflow models serve` of the registered model on 127.0.0.1 (offline: --env-manager local)."""
+    import base64
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    root, _, _, _ = trained
+    files = split_files(trained)[0][:3]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    environment = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "NO_ALBUMENTATIONS_UPDATE": "1",
+                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    log = tmp_path / "serve.log"
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
+                               "models:/cnnlab-resnet_small/1", "--env-manager", "local", "-h", "127.0.0.1", "-p",
+                               str(port)], env=environment, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.5)
+        body = {"dataframe_split": {"columns": ["image"],
+                                    "data": [[base64.b64encode(f.read_bytes()).decode()] for f in files]}}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+    import mlflow
+    import pandas as pd
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    local = mlflow.pyfunc.load_model("models:/cnnlab-resnet_small/1").predict(
+        pd.DataFrame({"image": [f.read_bytes() for f in files]})).to_dict("records")
+    assert [row["class"] for row in answer] == [row["class"] for row in local]
+    for served, loaded in zip(mlflow_predictions(answer), mlflow_predictions(local)):
+        assert served[1] == pytest.approx(loaded[1], abs=1e-6)

@@ -209,7 +209,7 @@ def git_tags() -> dict[str, str]:
 
 
 # Where a run's results go and what it is called, not what it computes: left out of its config hash.
-NOT_HASHED = ("paths", "tracking_uri", "logger", "experiment", "run_name", "tags", "resume")
+NOT_HASHED = ("paths", "tracking_uri", "logger", "experiment", "run_name", "tags", "resume", "mlflow_model")
 # Set by DVC for each stage command: the stage, and for `dvc exp run` the experiment and its baseline commit.
 DVC_TAGS = {"DVC_STAGE": "cnnlab.dvc.stage", "DVC_EXP_NAME": "cnnlab.dvc.exp_name",
             "DVC_EXP_BASELINE_REV": "cnnlab.dvc.baseline_rev"}

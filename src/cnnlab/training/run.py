@@ -14,6 +14,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -182,8 +183,21 @@ def train(cfg: DictConfig) -> float:
         if trainer.is_global_zero:  # one summary per run, however many processes train it
             if run_folder() is not None:  # the run's summary, also what DVC reads as the stage's metrics
                 write_text(run_folder() / "metrics.json", json.dumps(results, indent=2, sort_keys=True))
+            if logger is not None and cfg.mlflow_model.log:
+                log_mlflow_model(logger.run_id, trainer, datamodule, cfg.mlflow_model.registered_name)
             report(results, trainer)
     return results["test/acc"]
+
+
+def log_mlflow_model(run_id: str, trainer: pl.Trainer, datamodule: ImageDataModule, registered_name: str | None):
+    """The best checkpoint as the run's MLflow model (inference/mlflow_model.py), one of its images as the example."""
+    from ..inference.mlflow_model import example_image, log_model
+
+    example = example_image(np.asarray(datamodule.cache.split("test").images[0]))
+    info = log_model(run_id, trainer.checkpoint_callback.best_model_path, datamodule.classes, example,
+                     registered_name)
+    registered = f", registered as {registered_name} version {info.registered_model_version}" if registered_name else ""
+    log.info(f"MLflow model: runs:/{run_id}/model{registered}")
 
 
 @contextmanager

@@ -1,0 +1,89 @@
+"""A training's best checkpoint as an MLflow model: a pyfunc that takes image files and gives classes.
+
+Logged into the training's run as ``model`` and registered under ``mlflow_model.registered_name``, so
+``mlflow models serve -m models:/<name>/<version> --env-manager local`` answers on images, and
+``mlflow.pyfunc.load_model(...)`` predicts in Python. Its input is a table with one column, ``image``:
+the bytes of image files (base64 in a served request's JSON), decoded and prepared as ``predict.py``
+prepares them. Its output has the most probable ``class``, its ``probability`` and the
+``probabilities`` of every class, in the order of the model's classes (its metadata lists them).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from importlib.metadata import version
+from pathlib import Path
+
+import mlflow.pyfunc
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+# what the model needs where it is served, at the versions it was logged with
+REQUIREMENTS = ("torch", "pytorch-lightning", "torchmetrics", "hydra-core", "omegaconf", "albumentations",
+                "opencv-python-headless", "pillow", "numpy", "safetensors", "pandas", "mlflow")
+
+
+class ImageClassifierModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from ..data.augment import tta_views
+        from .classifier import load_classifier
+
+        self.classifier = load_classifier(context.artifacts["checkpoint"])
+        self.views = tta_views(self.classifier.image_size)
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        import numpy as np
+        import torch
+
+        from ..data.datamodule import to_tensor
+        from ..data.imagefolder import read_image
+        from ..errors import ConfigError
+
+        images = []
+        for row, data in enumerate(model_input["image"]):
+            image, error = read_image(io.BytesIO(bytes(data)), self.classifier.stored_size)
+            if image is None:
+                raise ConfigError(f"image {row} cannot be read: {error}")
+            images.append(torch.stack([to_tensor(view(image=image)["image"]) for view in self.views]))
+        batch = torch.stack(images)
+        logits = self.classifier(batch.flatten(0, 1)).view(*batch.shape[:2], -1)
+        probabilities = logits.float().softmax(dim=-1).mean(dim=1).numpy()
+        best = probabilities.argmax(axis=1)
+        return pd.DataFrame({"class": [self.classifier.classes[i] for i in best],
+                             "probability": probabilities[np.arange(len(best)), best].astype(float),
+                             "probabilities": [row.astype(float).tolist() for row in probabilities]})
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec(DataType.binary, "image")]),
+                          outputs=Schema([ColSpec(DataType.string, "class"), ColSpec(DataType.double, "probability"),
+                                          ColSpec(Array(DataType.double), "probabilities")]))
+
+
+def example_image(image: "np.ndarray") -> bytes:  # noqa: F821 (numpy is imported where it is called)
+    """A PNG of one training image: the input example MLflow stores and checks the model with."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def log_model(run_id: str, checkpoint: str | Path, classes: list[str], example: bytes,
+              registered_name: str | None) -> mlflow.models.model.ModelInfo:
+    """Log ``checkpoint`` into the run ``run_id`` as its ``model``, registered under ``registered_name`` (if given)."""
+    from mlflow.models import Model
+
+    import cnnlab
+
+    return Model.log(None, name="model", flavor=mlflow.pyfunc, run_id=run_id, registered_model_name=registered_name,
+                     python_model=ImageClassifierModel(), artifacts={"checkpoint": str(checkpoint)},
+                     code_paths=[str(Path(cnnlab.__file__).parent)], signature=signature(),
+                     input_example=pd.DataFrame({"image": [example]}), metadata={"classes": classes},
+                     pip_requirements=[f"{name}=={version(name)}" for name in REQUIREMENTS],
+                     await_registration_for=0)
