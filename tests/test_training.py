@@ -97,6 +97,8 @@ def test_run_logs_params_metrics_artifacts_and_tags(trained):
     assert "trainer.max_epochs=1" in run.data.tags["cnnlab.command"]
     artifacts = artifact_paths(client, run.info.run_id)
     assert {"config.yaml", "best/best.ckpt", "last/last.ckpt"} <= artifacts
+    # the UI shows the experiment as model training (MLflow 3's tag), not as a GenAI app
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     config = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(root)))
     assert "max_epochs: 1" in config.read_text()
     # the learning rate once (its two param groups, with and without weight decay, share it), at the start
@@ -175,3 +177,33 @@ def test_a_checkpoint_from_elsewhere_starts_a_new_run_from_its_state(tmp_path):
     [folder] = (tmp_path / "outputs" / "runs").iterdir()
     checkpoint = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 2 * 64 // 16  # one more epoch, not two
+
+
+def test_the_training_reports_its_test_split_as_an_evaluation_does(trained):
+    """Per-image predictions, confusion matrix and per-class scores, in the run folder and the MLflow run; they
+    agree with the test accuracy the training's test step measured (torchmetrics) and with scikit-learn."""
+    from sklearn.metrics import confusion_matrix, f1_score
+
+    root, _ = trained
+    (run_dir,) = (root / "outputs" / "runs").iterdir()
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    run = only_run(client)
+    assert {"test/predictions.csv", "test/confusion_matrix.csv", "test/confusion_matrix.png",
+            "test/per_class.csv"} <= artifact_paths(client, run.info.run_id)
+    rows = [line.split(",") for line in (run_dir / "test" / "predictions.csv").read_text().splitlines()]
+    header, rows = rows[0], rows[1:]
+    label, predicted = header.index("label"), header.index("predicted")
+    labels, predictions = [r[label] for r in rows], [r[predicted] for r in rows]
+    assert len(rows) == 32
+    assert sum(a == b for a, b in zip(labels, predictions)) / len(rows) == pytest.approx(run.data.metrics["test/acc"])
+    classes = sorted(set(labels) | set(predictions))
+    matrix = [line.split(",") for line in (run_dir / "test" / "confusion_matrix.csv").read_text().splitlines()]
+    ours = {(r[0], c): int(v) for r in matrix[1:] for c, v in zip(matrix[0][1:], r[1:])}
+    for (i, truth), (j, guess) in ((a, b) for a in enumerate(classes) for b in enumerate(classes)):
+        assert ours.get((truth, guess), 0) == confusion_matrix(labels, predictions, labels=classes)[i, j]
+    per_class = [line.split(",") for line in (run_dir / "test" / "per_class.csv").read_text().splitlines()]
+    f1 = dict(zip(classes, f1_score(labels, predictions, labels=classes, average=None, zero_division=0)))
+    column = per_class[0].index("f1")
+    for row in per_class[1:]:
+        if row[0] in f1:
+            assert float(row[column]) == pytest.approx(f1[row[0]], abs=1e-4)

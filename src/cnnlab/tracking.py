@@ -182,18 +182,25 @@ def prepare_server(tracking_uri: str, experiment_name: str) -> str:
     return ensure_experiment(MlflowClient(tracking_uri), experiment_name)
 
 
+# MLflow 3 marks what an experiment is for with this tag; the UI shows a "custom model development"
+# experiment as model training (runs with their metrics), not as a GenAI app (traces and an assistant).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_experiment(client, name: str, artifact_location: str | None = None) -> str:
-    """The id of the experiment ``name``, created if there is none. Another process creating it at
-    the same moment is no error: its ``RESOURCE_ALREADY_EXISTS`` means the experiment is there."""
+    """The id of the experiment ``name``, created if there is none, marked as model training. Another
+    process creating it at the same moment is no error: its ``RESOURCE_ALREADY_EXISTS`` means it is there."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except MlflowException as error:
-        experiment = client.get_experiment_by_name(name) if error.error_code == "RESOURCE_ALREADY_EXISTS" else None
-        if experiment is None:
-            raise
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
+        except MlflowException as error:
+            experiment = client.get_experiment_by_name(name) if error.error_code == "RESOURCE_ALREADY_EXISTS" else None
+            if experiment is None:
+                raise
+    if not EXPERIMENT_KIND.items() <= experiment.tags.items():  # made by an older cnnlab, or by MLflow itself
+        for key, value in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
 
 
@@ -317,8 +324,10 @@ def ui_command(tracking_uri: str) -> str:
 
 
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the UI's model-training view (``workflowType``; MLflow 3's UI opens in its GenAI
+    view, without metric columns, unless the link or the user's toggle says otherwise)."""
     base = "http://127.0.0.1:5000" if tracking_uri.startswith("sqlite:") else tracking_uri.rstrip("/")
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def command_line() -> str:
@@ -402,9 +411,9 @@ def stopping_on(signum: int, before_stopping=None) -> Iterator[None]:
         signal.signal(signum, previous)
 
 
-def log_files(logger: MLFlowLogger | StoreRun, files: Iterable[Path]) -> None:
+def log_files(logger: MLFlowLogger | StoreRun, files: Iterable[Path], artifact_path: str | None = None) -> None:
     for path in files:
-        logger.experiment.log_artifact(logger.run_id, str(path))
+        logger.experiment.log_artifact(logger.run_id, str(path), artifact_path)
 
 
 def log_how_to_open(logger: Logger | StoreRun | None) -> None:

@@ -75,6 +75,7 @@ def write_per_class(path: Path, probabilities: torch.Tensor, labels: torch.Tenso
 def write_reports(directory: Path, probabilities: torch.Tensor, labels: torch.Tensor, classes: Sequence[str],
                   mode: str = "") -> list[Path]:
     """Every per-image and per-class file of one evaluation mode; returns their paths."""
+    directory.mkdir(parents=True, exist_ok=True)
     write_predictions(directory / "predictions.csv", probabilities, labels, classes)
     write_confusion_matrix(directory, probabilities, labels, classes, title=f"tta={mode}: " if mode else "")
     write_per_class(directory / "per_class.csv", probabilities, labels, classes)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -183,10 +184,30 @@ def train(cfg: DictConfig) -> float:
         if trainer.is_global_zero:  # one summary per run, however many processes train it
             if run_folder() is not None:  # the run's summary, also what DVC reads as the stage's metrics
                 write_text(run_folder() / "metrics.json", json.dumps(results, indent=2, sort_keys=True))
+            if run_folder() is not None:
+                files = report_test_split(trainer.checkpoint_callback.best_model_path, datamodule,
+                                          run_folder() / "test")
+                if logger is not None:
+                    tracking.log_files(logger, files, "test")
             if logger is not None and cfg.mlflow_model.log:
                 log_mlflow_model(logger.run_id, trainer, datamodule, cfg.mlflow_model.registered_name)
             report(results, trainer)
     return results["test/acc"]
+
+
+def report_test_split(checkpoint: str, datamodule: ImageDataModule, folder: Path) -> list[Path]:
+    """The best model's predictions, confusion matrix and per-class scores on the test split, the files an
+    evaluation writes (its plain view). The checkpoint is read again: a run on cached features trained
+    the head alone, and its checkpoint holds the whole net."""
+    from ..data.augment import tta_views
+    from ..evaluation.reports import write_reports
+    from ..evaluation.tta import predict, view_loader
+
+    module = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
+    loader = view_loader(datamodule.cache.split("test"), tta_views(datamodule.image_size),
+                         datamodule.eval_batch_size, datamodule.loader_workers)
+    probabilities, labels = predict(module, loader, {"plain": slice(0, 1)}, "cuda" if torch.cuda.is_available() else "cpu")
+    return write_reports(folder, probabilities["plain"], labels, module.classes)
 
 
 def log_mlflow_model(run_id: str, trainer: pl.Trainer, datamodule: ImageDataModule, registered_name: str | None):
