@@ -550,6 +550,14 @@ REDUCED: dict[str, Reduced] = {
     "python src/train.py model=resnet50 model.pretrained=https://download.pytorch.org/models/resnet50-11ad3fa6.pth":
         Reduced("downloads ImageNet weights (no internet here): the config composes with these overrides",
                 hydra_cfg_job),
+    "python src/train.py model=googlenet model.pretrained=imagenet data=imagefolder data.source.root=/path/to/images":
+        Reduced("downloads ImageNet weights (no internet here): the config composes with these overrides",
+                hydra_cfg_job),
+    "mlflow models serve -m models:/cnnlab-resnet_small/1 --env-manager local --host 127.0.0.1 --port 5001": Reduced(
+        "serves until stopped (tests/test_inference.py serves a registered model for real): its options exist",
+        help_lists_options("mlflow", "models", "serve")),
+    "python benchmarks/cpu_latency.py": Reduced(
+        "a benchmark (minutes, by design): it starts", help_lists_options("python", "benchmarks/cpu_latency.py")),
     "python src/train.py -m hparams_search=shapes_optuna": Reduced(
         "20 trials: the search runs as written with two", fewer_trials),
     "python src/train.py -m hparams_search=shapes_optuna hydra.sweeper.n_trials=40 model=resnet18": Reduced(

@@ -147,7 +147,8 @@ def from_weights(key: str, default, *, _root_):
     them, else ``default``. The data configs take their normalisation from it, so that it follows the
     weights (torchvision's GoogLeNet learnt on mean 0.5, std 0.5; the others on ImageNet's statistics)."""
     entry = published_weights(_root_.get("model") or {})
-    return default if entry is None else entry[key]
+    value = default if entry is None else entry[key]
+    return OmegaConf.create(list(value))  # a config node: `--cfg job --resolve` resolves in place, and refuses lists
 
 
 def first_process_only(value):

@@ -152,16 +152,16 @@ def export(cfg: DictConfig) -> dict:
     test_images, test_labels = prepared_images(datamodule.cache.split("test"), size)
     summary = {"checkpoint": str(cfg.ckpt), "train_run_id": train_run_id, "model": module.net.name,
                "image_size": size, "opset": cfg.opset, "max_abs_difference": difference,
-               "files": {"onnx": str(fp32)}, "test_acc": {"onnx": onnx_accuracy(fp32, test_images, test_labels)}}
+               "files": {"onnx": fp32.name}, "test_acc": {"onnx": onnx_accuracy(fp32, test_images, test_labels)}}
     if cfg.quantize == "int8":
         calibration, _ = prepared_images(datamodule.cache.split("train"), size, cfg.calibration_images)
         log.info(f"Quantizing to int8, calibrated on {len(calibration)} training images")
         int8 = quantize_int8(fp32, out / "model.int8.onnx", calibration, metadata)
-        summary["files"]["int8"] = str(int8)
+        summary["files"]["int8"] = int8.name
         summary["test_acc"]["int8"] = onnx_accuracy(int8, test_images, test_labels)
     write_text(out / "export.json", json.dumps(summary, indent=2))
     log_to_training_run(train_run_id, summary, out)
-    report(summary, len(test_labels))
+    report(summary, len(test_labels), out)
     return summary
 
 
@@ -179,18 +179,17 @@ def log_to_training_run(train_run_id: str | None, summary: dict, out: Path) -> N
     except MlflowException:
         log.warning(f"the checkpoint's MLflow run {train_run_id} is not in this store: the export is not tracked")
         return
-    for name in (*summary["files"], "export.json"):
-        file = Path(summary["files"].get(name, out / name))
-        client.log_artifact(train_run_id, str(file), "export")
+    for name in (*summary["files"].values(), "export.json"):
+        client.log_artifact(train_run_id, str(out / name), "export")
     for name, accuracy in summary["test_acc"].items():
         client.log_metric(train_run_id, f"export/{name}/test_acc", accuracy)
 
 
-def report(summary: dict, images: int) -> None:
+def report(summary: dict, images: int, out: Path) -> None:
     accuracy = summary["test_acc"]
     line = f"\nTest accuracy on {images} images: ONNX {accuracy['onnx']:.4f}"
     if "int8" in accuracy:
         line += f", int8 {accuracy['int8']:.4f} ({100 * (accuracy['int8'] - accuracy['onnx']):+.2f} points)"
     log.info(line)
-    for name, path in summary["files"].items():
-        log.info(f"{name}: {Path(path).resolve()} ({Path(path).stat().st_size / 1e6:.1f} MB)")
+    for name, file in summary["files"].items():
+        log.info(f"{name}: {(out / file).resolve()} ({(out / file).stat().st_size / 1e6:.1f} MB)")

@@ -18,8 +18,6 @@ from pathlib import Path
 import mlflow.pyfunc
 import pandas as pd
 
-log = logging.getLogger(__name__)
-
 # what the model needs where it is served, at the versions it was logged with
 REQUIREMENTS = ("torch", "pytorch-lightning", "torchmetrics", "hydra-core", "omegaconf", "albumentations",
                 "opencv-python-headless", "pillow", "numpy", "safetensors", "pandas", "mlflow")
@@ -75,15 +73,41 @@ def example_image(image: "np.ndarray") -> bytes:  # noqa: F821 (numpy is importe
 
 
 def log_model(run_id: str, checkpoint: str | Path, classes: list[str], example: bytes,
-              registered_name: str | None) -> mlflow.models.model.ModelInfo:
-    """Log ``checkpoint`` into the run ``run_id`` as its ``model``, registered under ``registered_name`` (if given)."""
+              registered_name: str | None) -> str | None:
+    """Log ``checkpoint`` into the run ``run_id`` as its ``model``; register it under ``registered_name``
+    (if given) and return the version.
+
+    The model is logged from code (``pyfunc_code.py``), not pickled: loading it runs no code from the
+    store, as checkpoints are read without it. Registration is ours rather than MLflow's
+    ``registered_model_name``, which says "already exists" on every version after the first."""
     from mlflow.models import Model
 
     import cnnlab
 
-    return Model.log(None, name="model", flavor=mlflow.pyfunc, run_id=run_id, registered_model_name=registered_name,
-                     python_model=ImageClassifierModel(), artifacts={"checkpoint": str(checkpoint)},
-                     code_paths=[str(Path(cnnlab.__file__).parent)], signature=signature(),
-                     input_example=pd.DataFrame({"image": [example]}), metadata={"classes": classes},
-                     pip_requirements=[f"{name}=={version(name)}" for name in REQUIREMENTS],
-                     await_registration_for=0)
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    level = pyfunc_log.level
+    pyfunc_log.setLevel(logging.WARNING)  # it announces each check of the input example
+    try:
+        info = Model.log(None, name="model", flavor=mlflow.pyfunc, run_id=run_id,
+                         python_model=str(Path(__file__).with_name("pyfunc_code.py")),
+                         artifacts={"checkpoint": str(checkpoint)}, code_paths=[str(Path(cnnlab.__file__).parent)],
+                         signature=signature(), input_example=pd.DataFrame({"image": [example]}),
+                         metadata={"classes": classes},
+                         pip_requirements=[f"{name}=={version(name)}" for name in REQUIREMENTS])
+    finally:
+        pyfunc_log.setLevel(level)
+    return register(info, run_id, registered_name) if registered_name else None
+
+
+def register(info, run_id: str, name: str) -> str:
+    """A new version of the registered model ``name`` (created if missing, also by another process at once)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        client.create_registered_model(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id).version

@@ -176,11 +176,12 @@ def train(cfg: DictConfig) -> float:
             logger.log_hyperparams(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
             logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
             tracking.log_data(logger, datamodule.cache, "training")
+        fit_data = datamodule  # images; or, with the trunk frozen, its features computed once
         if freeze.cache_features:
-            datamodule = train_on_cached_features(datamodule, module, Path(cfg.paths.data_dir) / "features")
+            fit_data = train_on_cached_features(datamodule, module, Path(cfg.paths.data_dir) / "features")
         with said_how_to_continue(), requeued_by_slurm():
-            trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
-        results = trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
+            trainer.fit(module, datamodule=fit_data, ckpt_path=checkpoint)
+        results = trainer.test(module, datamodule=fit_data, ckpt_path="best", verbose=False)[0]
         if trainer.is_global_zero:  # one summary per run, however many processes train it
             if run_folder() is not None:  # the run's summary, also what DVC reads as the stage's metrics
                 write_text(run_folder() / "metrics.json", json.dumps(results, indent=2, sort_keys=True))
@@ -215,9 +216,9 @@ def log_mlflow_model(run_id: str, trainer: pl.Trainer, datamodule: ImageDataModu
     from ..inference.mlflow_model import example_image, log_model
 
     example = example_image(np.asarray(datamodule.cache.split("test").images[0]))
-    info = log_model(run_id, trainer.checkpoint_callback.best_model_path, datamodule.classes, example,
-                     registered_name)
-    registered = f", registered as {registered_name} version {info.registered_model_version}" if registered_name else ""
+    version = log_model(run_id, trainer.checkpoint_callback.best_model_path, datamodule.classes, example,
+                        registered_name)
+    registered = f", registered as models:/{registered_name}/{version}" if version else ""
     log.info(f"MLflow model: runs:/{run_id}/model{registered}")
 
 
