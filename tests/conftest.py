@@ -188,3 +188,18 @@ def photographs() -> dict[str, Path]:
         if not path.is_file():
             pytest.skip(f"{path} is not installed")
     return photos
+
+
+def wait_for_http(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Until ``url`` answers; fails with the end of ``log`` if ``process`` ended or ``timeout`` passed first."""
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                pytest.fail(f"{url} did not answer: {log.read_text()[-3000:]}")
+            time.sleep(0.3)

@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from omegaconf import OmegaConf
 
 from cnnlab.tracking import flatten
 from cnnlab.training.module import ImageClassifier
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, tiny_overrides, wait_for_http
 
 pytestmark = pytest.mark.slow
 
@@ -219,15 +218,7 @@ def mlflow_server(tmp_path_factory):
             stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"mlflow server did not start: {log.read_text()[-3000:]}")
-                time.sleep(0.3)
+        wait_for_http(f"{url}/health", server, log)
         yield url, folder
     finally:
         if server.poll() is None:

@@ -19,7 +19,7 @@ from PIL import Image
 from cnnlab.data.augment import eval_transform
 from cnnlab.data.datamodule import to_tensor
 from cnnlab.training.module import ImageClassifier
-from conftest import photographs, run_script
+from conftest import photographs, run_script, wait_for_http
 
 pytestmark = pytest.mark.slow
 
@@ -211,7 +211,6 @@ def test_mlflow_models_serve_answers_on_image_files(trained, tmp_path):
     import socket
     import subprocess
     import sys
-    import time
     import urllib.request
 
     root, _, _, _ = trained
@@ -227,14 +226,7 @@ def test_mlflow_models_serve_answers_on_image_files(trained, tmp_path):
                                str(port)], env=environment, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                               start_new_session=True)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-                time.sleep(0.5)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server, log)
         body = {"dataframe_split": {"columns": ["image"],
                                     "data": [[base64.b64encode(f.read_bytes()).decode()] for f in files]}}
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),

@@ -89,7 +89,7 @@ TINY = {"num_workers": 0,
                  "target": {"train_size": 24, "val_size": 12, "test_size": 24}},
         "pretrain": {"max_epochs": 1},
         "members": {"a": {"max_epochs": 1}, "b": {"max_epochs": 1}}}
-MEMBER_STAGES = {"train@a", "evaluate@a", "ensemble", "report"}
+MEMBER_STAGES = {"train@a", "evaluate@a", "ensemble", "report", "export@a"}
 
 
 def project_copy(root: Path) -> Path:
@@ -105,7 +105,7 @@ def project_copy(root: Path) -> Path:
 
 
 ALL_STAGES = {"prepare@source", "prepare@target", "pretrain", "train@a", "train@b", "evaluate@a", "evaluate@b",
-              "ensemble", "report"}
+              "ensemble", "report", "export@a", "export@b"}
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +148,11 @@ def test_repro_runs_every_stage_and_writes_metrics_and_plots(pipeline):
         assert (repo / f"results/train/{member}/checkpoints/best.ckpt").is_file()
         assert (repo / f"results/train/{member}/history.csv").read_text().startswith("epoch,")
     assert set(metrics["results/ensemble/metrics.json"]["data"]) == {"a", "b", "ensemble"}
+    for member in ("a", "b"):  # the exported model scores on the test split what PyTorch scored in evaluation
+        exported = metrics[f"results/export/{member}/export.json"]["data"]
+        evaluated = metrics[f"results/evaluate/{member}/metrics.json"]["data"]
+        assert exported["test_acc"]["onnx"] == pytest.approx(evaluated["none"]["acc"])
+        assert 0 <= exported["test_acc"]["int8"] <= 1 and (repo / f"results/export/{member}/model.int8.onnx").is_file()
     report = (repo / "results/report/report.md").read_text()
     assert "| a |" in report and "![" in report and (repo / "results/report/report.html").is_file()
     plots = dvc(repo, "plots", "show", "-o", str(repo / "plots_out"))

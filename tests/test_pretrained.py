@@ -180,13 +180,19 @@ def offline(monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
 
 
-def test_a_url_already_in_the_cache_is_read_from_there(tmp_path, offline):
+def cached_weights(tmp_path) -> tuple:
+    """A small MobileNet v1, and its weights placed in a download cache as if fetched from a (made-up) URL:
+    (the net, the cache folder, the URL, the file's SHA-256 prefix)."""
     net = build("mobilenet_v1", "scaling.width=0.25", num_classes=10)
     path, sha = _hashed_copy(tmp_path, {f"net.{k}": v for k, v in net.state_dict().items()})
     cache = tmp_path / "cache"
     cache.mkdir()
     path.rename(cache / f"mobilenet_v1-{sha[:8]}.pth")
-    url = f"https://example.invalid/weights/mobilenet_v1-{sha[:8]}.pth"
+    return net, cache, f"https://example.invalid/weights/mobilenet_v1-{sha[:8]}.pth", sha[:8]
+
+
+def test_a_url_already_in_the_cache_is_read_from_there(tmp_path, offline):
+    net, cache, url, _ = cached_weights(tmp_path)
     loaded = build("mobilenet_v1", "scaling.width=0.25", f"model.pretrained={url}",
                    f"model.pretrained_cache_dir={cache}", num_classes=10)
     assert torch.equal(loaded.head.fc.weight, net.head.fc.weight)
@@ -301,13 +307,8 @@ def test_the_data_normalisation_follows_the_weights_unless_set(recwarn):
 
 
 def test_pretrained_imagenet_loads_the_published_file_and_the_net_carries_its_preprocessing(tmp_path, offline):
-    net = build("mobilenet_v1", "scaling.width=0.25", num_classes=10)
-    path, sha = _hashed_copy(tmp_path, {f"net.{k}": v for k, v in net.state_dict().items()})
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    path.rename(cache / f"mobilenet_v1-{sha[:8]}.pth")
-    url = f"https://example.invalid/weights/mobilenet_v1-{sha[:8]}.pth"  # stands in for the Hugging Face URL
-    overrides = ("scaling.width=0.25", f"model.weights.imagenet.url={url}", f"model.weights.imagenet.sha256={sha[:8]}",
+    net, cache, url, sha = cached_weights(tmp_path)  # the URL stands in for the Hugging Face one
+    overrides = ("scaling.width=0.25", f"model.weights.imagenet.url={url}", f"model.weights.imagenet.sha256={sha}",
                  f"model.pretrained_cache_dir={cache}", "model.pretrained=imagenet")
     loaded = build("mobilenet_v1", *overrides, num_classes=10)
     assert torch.equal(loaded.head.fc.weight, net.head.fc.weight)

@@ -4,8 +4,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from cnnlab.training.module import ImageClassifier
-from conftest import run_script, tiny_overrides
+from conftest import run_script, tiny_overrides, wait_for_http
 
 pytestmark = pytest.mark.slow
 
@@ -128,21 +126,17 @@ def free_port() -> int:
 def mlflow_server(tmp_path):
     port = free_port()
     mlflow = Path(sys.executable).parent / "mlflow"
+    log = tmp_path / "server.log"
     server = subprocess.Popen(
         [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "store")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.DEVNULL, stderr=open(log, "w"))
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            if server.poll() is not None or time.time() > deadline:
-                server.kill()
-                pytest.fail(f"mlflow server did not start: {server.stderr.read()[-2000:]}")
-            time.sleep(0.5)
+    try:
+        wait_for_http(f"{url}/health", server, log, timeout=90)
+    except BaseException:
+        server.kill()
+        raise
     yield url, tmp_path
     server.terminate()
     server.wait(timeout=30)

@@ -11,6 +11,10 @@ from torch.nn import functional as F
 from torchmetrics.classification import (MulticlassConfusionMatrix, MulticlassF1Score, MulticlassPrecision,
                                          MulticlassRecall)
 
+# Each report is of the predictions in hand: no gathering from other processes (a DDP training writes
+# its test reports in its first process alone, while the others have finished)
+LOCAL = {"sync_on_compute": False}
+
 from ..files import written_whole
 from ..training.module import classification_metrics
 
@@ -44,7 +48,7 @@ def write_confusion_matrix(directory: Path, probabilities: torch.Tensor, labels:
     matplotlib.use("Agg")  # files only, also on machines without a display
     from matplotlib import pyplot as plt
 
-    confusion = MulticlassConfusionMatrix(len(classes))
+    confusion = MulticlassConfusionMatrix(len(classes), **LOCAL)
     counts = confusion(probabilities, labels)
     with written_whole(directory / "confusion_matrix.csv") as partial, open(partial, "w", newline="") as file:
         writer = csv.writer(file)
@@ -62,7 +66,7 @@ def write_confusion_matrix(directory: Path, probabilities: torch.Tensor, labels:
 
 def write_per_class(path: Path, probabilities: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]) -> None:
     num_classes = len(classes)
-    columns = [metric(num_classes, average=None)(probabilities, labels).tolist()
+    columns = [metric(num_classes, average=None, **LOCAL)(probabilities, labels).tolist()
                for metric in (MulticlassPrecision, MulticlassRecall, MulticlassF1Score)]
     support = torch.bincount(labels, minlength=num_classes).tolist()
     with written_whole(path) as partial, open(partial, "w", newline="") as file:

@@ -46,7 +46,7 @@ def export_onnx(module: nn.Module, path: Path, image_size: int, metadata: dict[s
     level = torch_onnx.level
     torch_onnx.setLevel(logging.ERROR)  # it names every torchvision operator it could not register
     try:
-        program = torch.onnx.export(module.eval(), (example,), dynamo=True, opset_version=opset,
+        program = torch.onnx.export(module.eval(), (example,), dynamo=True, opset_version=opset, verbose=False,
                                     input_names=[ONNX_INPUT], output_names=["logits"],
                                     dynamic_shapes={ONNX_INPUT: {0: torch.export.Dim("batch", min=1)}})
     finally:
