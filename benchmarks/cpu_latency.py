@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnlab.inference.classifier import onnx_runner, onnx_session
+from cnnlab.inference.classifier import onnx_runner
 from cnnlab.inference.export import export_onnx, quantize_int8
 from cnnlab.models import model_config
 from cnnlab.training.module import ImageClassifier

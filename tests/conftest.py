@@ -36,7 +36,8 @@ CONF_DIR = ROOT / "conf"
 
 
 def tiny_overrides(root: Path) -> list[str]:
-    """A run small enough for a test: 64 training images, one epoch, no worker processes."""
+    """A run small enough for a test: 64 training images, one epoch, no worker processes, and no MLflow model
+    (a second each; the tests of the model and of trainings registering at once log it: mlflow_model.log=true)."""
     return [
         f"paths.root_dir={root}",
         "data.source.train_size=64",
@@ -45,6 +46,7 @@ def tiny_overrides(root: Path) -> list[str]:
         "data.batch_size=16",
         "data.num_workers=0",
         "trainer.max_epochs=1",
+        "mlflow_model.log=false",
     ]
 
 

@@ -55,10 +55,12 @@ def start_all(commands: list[list[str]], logs: list[Path], cwd: Path) -> list[in
 
 
 def train_four(root: Path, *overrides: str) -> None:
-    """Four trainings started at once, two epochs each (seeds 1-4, learning rates 0.001-0.004); all must succeed."""
+    """Four trainings started at once, two epochs each (seeds 1-4, learning rates 0.001-0.004); all must succeed.
+    Each logs and registers its model under the same name at the same moment."""
     logs = [root / f"job{seed}.out" for seed, _ in JOBS]
     statuses = start_all([[sys.executable, "src/train.py", *tiny_overrides(root), f"trainer.max_epochs={EPOCHS}",
-                           f"seed={seed}", f"optimizer.lr={lr}", *overrides] for seed, lr in JOBS], logs, ROOT)
+                           f"seed={seed}", f"optimizer.lr={lr}", "mlflow_model.log=true", *overrides]
+                          for seed, lr in JOBS], logs, ROOT)
     for status, log in zip(statuses, logs):
         output = log.read_text()
         assert status == 0 and not TROUBLE.search(output), output[-4000:]
@@ -120,7 +122,9 @@ def check_four_runs(client: MlflowClient, root: Path, downloads: Path) -> list:
 
         # Every epoch's metrics, once per epoch at that epoch's step, with the values the run printed.
         printed = epoch_lines((folder / "train.log").read_text())
-        per_epoch = {name for name in metrics if not name.startswith("test/") and name != "epoch"}
+        sizes = {"params_total", "params_trainable"}  # logged once, at the start (as params too)
+        assert {name: metrics[name] for name in sizes} == {name: float(params[name]) for name in sizes}
+        per_epoch = {name for name in metrics if not name.startswith("test/") and name not in {"epoch", *sizes}}
         assert set(printed[0]) <= per_epoch
         steps = None
         for name in sorted(per_epoch):
@@ -158,6 +162,10 @@ def test_four_trainings_at_once_on_a_fresh_sqlite_store(tmp_path):
     runs = check_four_runs(client, tmp_path, tmp_path / "downloads")
     for run in runs:  # artifacts next to the store
         assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
+    # one registered model, a version per run, the numbers 1-4 each given once
+    versions = client.search_model_versions("name='cnnlab-resnet_small'")
+    assert sorted(int(v.version) for v in versions) == [1, 2, 3, 4]
+    assert {v.run_id for v in versions} == {run.info.run_id for run in runs}
 
 
 LOG_DATA_AT = r"""

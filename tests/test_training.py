@@ -87,6 +87,7 @@ def test_run_logs_params_metrics_artifacts_and_tags(trained):
     assert params["model.stages.1.out_chs"] == "64"
     assert params["optimizer._target_"] == "torch.optim.AdamW"
     assert int(params["params_total"]) == int(params["params_trainable"]) > 100_000
+    assert run.data.metrics["params_trainable"] == int(params["params_trainable"])  # charted beside the accuracy
     for metric in ["train/loss", "train/acc", "train/f1", "train/acc_top5", "val/loss", "val/acc", "val/f1",
                    "val/acc_top5", "test/loss", "test/acc", "test/f1", "test/acc_top5"]:
         assert metric in run.data.metrics, metric

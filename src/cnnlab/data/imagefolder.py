@@ -42,6 +42,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -200,7 +201,7 @@ def find_images(root: Path) -> tuple[Layout, dict[str, dict[str, list[Path]]]]:
     return layout, found
 
 
-def load_rgb(path: Path, stored_size: int) -> np.ndarray:
+def load_rgb(path: Path | BinaryIO, stored_size: int) -> np.ndarray:
     """Decode one file into a (stored_size, stored_size, 3) uint8 array."""
     with warnings.catch_warnings():  # Pillow's warning about a large image: the checks below decide
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -233,8 +234,9 @@ def decode(path: Path, stored_size: int) -> tuple[np.ndarray | None, str]:
     return (image, _sha256(path)) if image is not None else (None, error)
 
 
-def read_image(path: Path, stored_size: int) -> tuple[np.ndarray | None, str]:
-    """(its pixels, "") or (None, why it cannot be read, in one line): ``load_rgb`` for files that may be bad."""
+def read_image(path: Path | BinaryIO, stored_size: int) -> tuple[np.ndarray | None, str]:
+    """(its pixels, "") or (None, why it cannot be read, in one line): ``load_rgb`` for files that may be bad
+    (a path, or the bytes of a file: a served model's request)."""
     try:
         return load_rgb(path, stored_size), ""
     except UNREADABLE as error:

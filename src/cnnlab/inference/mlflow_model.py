@@ -32,25 +32,22 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         self.views = tta_views(self.classifier.image_size)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        import numpy as np
         import torch
 
-        from ..data.datamodule import to_tensor
         from ..data.imagefolder import read_image
         from ..errors import ConfigError
+        from .predict import mean_probabilities, views_of
 
         images = []
         for row, data in enumerate(model_input["image"]):
             image, error = read_image(io.BytesIO(bytes(data)), self.classifier.stored_size)
             if image is None:
                 raise ConfigError(f"image {row} cannot be read: {error}")
-            images.append(torch.stack([to_tensor(view(image=image)["image"]) for view in self.views]))
-        batch = torch.stack(images)
-        logits = self.classifier(batch.flatten(0, 1)).view(*batch.shape[:2], -1)
-        probabilities = logits.float().softmax(dim=-1).mean(dim=1).numpy()
+            images.append(views_of(image, self.views))
+        probabilities = mean_probabilities(self.classifier, torch.stack(images)).numpy()
         best = probabilities.argmax(axis=1)
         return pd.DataFrame({"class": [self.classifier.classes[i] for i in best],
-                             "probability": probabilities[np.arange(len(best)), best].astype(float),
+                             "probability": probabilities.max(axis=1).astype(float),
                              "probabilities": [row.astype(float).tolist() for row in probabilities]})
 
 
@@ -63,8 +60,8 @@ def signature():
                                           ColSpec(Array(DataType.double), "probabilities")]))
 
 
-def example_image(image: "np.ndarray") -> bytes:  # noqa: F821 (numpy is imported where it is called)
-    """A PNG of one training image: the input example MLflow stores and checks the model with."""
+def example_image(image) -> bytes:
+    """A PNG of one image (an (H, W, 3) uint8 array): the input example MLflow stores and checks the model with."""
     from PIL import Image
 
     buffer = io.BytesIO()

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
@@ -42,9 +43,19 @@ class ImageFileViews(Dataset):
 
     def __getitem__(self, index: int):
         image, error = read_image(self.paths[index], self.stored_size)
-        if image is None:
-            return index, None, error
-        return index, torch.stack([to_tensor(view(image=image)["image"]) for view in self.views]), ""
+        return (index, None, error) if image is None else (index, views_of(image, self.views), "")
+
+
+def views_of(image: np.ndarray, views: Sequence) -> torch.Tensor:
+    """A decoded image (H, W, 3) as its stack of views (V, 3, S, S), uint8."""
+    return torch.stack([to_tensor(view(image=image)["image"]) for view in views])
+
+
+def mean_probabilities(classifier: Classifier, batch: torch.Tensor) -> torch.Tensor:
+    """(images, views, 3, S, S) uint8 -> (images, classes): every view through the model at once, their
+    probabilities averaged as evaluation averages them."""
+    images, per_image = batch.shape[:2]
+    return average_probabilities(classifier(batch.flatten(0, 1)).view(images, per_image, -1))
 
 
 def collate(items):
@@ -75,9 +86,7 @@ def predict_files(classifier: Classifier, paths: Sequence[Path], views: Sequence
     for indices, batch, failed in tqdm(loader, desc="Predicting", unit="batch", disable=len(paths) <= batch_size):
         errors.update(failed)
         if batch is not None:
-            images, per_image = batch.shape[:2]
-            logits = classifier(batch.flatten(0, 1)).view(images, per_image, -1)
-            probabilities.update(zip(indices, average_probabilities(logits)))
+            probabilities.update(zip(indices, mean_probabilities(classifier, batch)))
     return probabilities, errors
 
 

@@ -122,6 +122,8 @@ class ImageClassifier(pl.LightningModule):
             log.info(f"{self.net.name}: {total:,} parameters, {trainable:,} trainable")
         if self.logger is not None:
             self.logger.log_hyperparams(counts)
+            # also as metrics: the UI charts and sorts metrics, so the size sits beside the accuracy it buys
+            self.logger.log_metrics({name: float(count) for name, count in counts.items()}, step=0)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(self._normalise(images))
