@@ -44,6 +44,7 @@ BAD = [
     ("train.py", ["freeze=gradual", "freeze.backbone_lr_factor=0"], "freeze.backbone_lr_factor=0: must be"),
     ("train.py", ["model=vgg11", "data.image_size=16"], "data.image_size=16: must be an integer >= 32"),
     ("train.py", ["model.dropout=1.5"], "model.dropout=1.5: must be a number in [0, 1]"),
+    ("train.py", ["mlflow_model.log=yes"], "mlflow_model.log=yes: must be true or false"),
     ("train.py", ["model=googlenet", "model.pretrained=imagenet1k"],
      "model.pretrained=imagenet1k: must be null, false, imagenet (this model's published weights), a file"),
     ("train.py", ["augment=light", "augment.mirror.p=2"], "augment.mirror.p=2: must be a number in [0, 1]"),

@@ -243,3 +243,15 @@ def test_mlflow_models_serve_answers_on_image_files(trained, tmp_path):
     assert [row["class"] for row in answer] == [row["class"] for row in local]
     for served, loaded in zip(mlflow_predictions(answer), mlflow_predictions(local)):
         assert served[1] == pytest.approx(loaded[1], abs=1e-6)
+
+
+def test_a_checkpoint_that_does_not_say_its_image_size_is_one_line(trained, tmp_path):
+    """Checkpoints from before predict.py record no image size: refused, not guessed."""
+    root, run_folder, _, images = trained
+    checkpoint = torch.load(run_folder / "checkpoints" / "best.ckpt", weights_only=True)
+    del checkpoint["hyper_parameters"]["image_size"], checkpoint["hyper_parameters"]["stored_size"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    result = run_script("predict.py", f"ckpt={tmp_path}/old.ckpt", f"images={images}", f"paths.root_dir={root}")
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        f"Error: {tmp_path}/old.ckpt does not say its image size (a training older than predict.py): train it "
+        "again, or score it with src/evaluate.py on its prepared test split"), result.stderr[-2000:]

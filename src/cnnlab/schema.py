@@ -351,6 +351,12 @@ class Callbacks(Section):
 
 # One schema per entry script: the sections that script reads ---------------------------------
 
+class MlflowModel(Section):
+    log: Flag = None
+    registered_name: rule("a name for the Model Registry, or null (not registered)",
+                          lambda v: v is None or isinstance(v, str) and v.strip() != "") = None
+
+
 class Tracked(Section):
     """What every script that reads or writes the MLflow store is given."""
     experiment: Text = None
@@ -379,6 +385,7 @@ class Train(Tracked):
     scheduler: Scheduler | None = None
     trainer: Trainer = None
     callbacks: Callbacks = None
+    mlflow_model: MlflowModel = None
     tta: rule("absent: test-time views are src/evaluate.py's (ckpt=... tta=flip)", lambda v: False) = None  # +tta=
 
     @model_validator(mode="after")

@@ -22,11 +22,10 @@ ONNX_INPUT = "images"
 
 @dataclass
 class Classifier:
+    """``classifier(uint8 images) -> logits``, with what preparing its images takes."""
     classes: list[str]
     image_size: int
     stored_size: int
-    mean: list[float]
-    std: list[float]
     source: str
     train_run_id: str | None = None
     run: object = field(default=None, repr=False)  # uint8 (N, 3, H, W) tensor -> logits tensor
@@ -44,16 +43,16 @@ def load_classifier(reference: str, device: str = "cpu") -> Classifier:
     module, train_run_id = load_checkpoint(str(reference))
     hparams = module.hparams
     if hparams.get("image_size") is None:
-        raise ConfigError(f"{reference} comes from a training that did not record its image size (before "
-                          "cnnlab 0.1's predict): train it again, or evaluate it on its prepared test split")
+        raise ConfigError(f"{reference} does not say its image size (a training older than predict.py): "
+                          "train it again, or score it with src/evaluate.py on its prepared test split")
     module.eval().to(device)
 
     @torch.inference_mode()
     def run(images: torch.Tensor) -> torch.Tensor:
         return module(images.to(device, non_blocking=True)).float().cpu()
 
-    return Classifier(module.classes, int(hparams.image_size), int(hparams.stored_size), list(hparams.mean),
-                      list(hparams.std), str(reference), train_run_id, run)
+    return Classifier(module.classes, int(hparams.image_size), int(hparams.stored_size), str(reference),
+                      train_run_id, run)
 
 
 def onnx_session(path: Path):
@@ -85,5 +84,4 @@ def onnx_classifier(path: Path) -> Classifier:
         raise ConfigError(f"{path} was not exported by cnnlab (its metadata has no cnnlab.classes)")
     run = onnx_runner(session)
     return Classifier(json.loads(meta["cnnlab.classes"]), int(meta["cnnlab.image_size"]),
-                      int(meta["cnnlab.stored_size"]), json.loads(meta["cnnlab.mean"]), json.loads(meta["cnnlab.std"]),
-                      str(path), meta.get("cnnlab.train_run_id") or None, run)
+                      int(meta["cnnlab.stored_size"]), str(path), meta.get("cnnlab.train_run_id") or None, run)

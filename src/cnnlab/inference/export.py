@@ -129,7 +129,7 @@ def export(cfg: DictConfig) -> dict:
     module, train_run_id = load_checkpoint(str(cfg.ckpt))
     hparams = module.hparams
     if hparams.get("image_size") is None:
-        raise ConfigError(f"{cfg.ckpt} comes from a training that did not record its image size: train it again")
+        raise ConfigError(f"{cfg.ckpt} does not say its image size (a training older than export.py): train it again")
     size, out = int(hparams.image_size), Path(cfg.output_dir)
     metadata = {"cnnlab.classes": json.dumps(module.classes), "cnnlab.image_size": str(size),
                 "cnnlab.stored_size": str(hparams.stored_size), "cnnlab.mean": json.dumps(list(hparams.mean)),
