@@ -1,5 +1,5 @@
-"""Config resolvers: compound scaling, unique run folder names, the normalisation of published weights. Importing ``cnnlab`` (any entry
-script does) registers them, before any config is resolved.
+"""Config resolvers: compound scaling, unique run folder names, the normalisation of published weights.
+Importing ``cnnlab`` (any entry script does) registers them, before any config is resolved.
 
 Compound scaling (EfficientNet): depth, width and resolution grow together with one knob, phi.
 

@@ -425,7 +425,8 @@ class Evaluate(Tracked):
 class Predict(Tracked):
     ckpt: rule("an existing checkpoint file, runs:/<mlflow run id> or an exported .onnx file",
                lambda v: is_existing_file(v) or is_run_reference(v)) = None
-    images: rule("an existing image file or folder", lambda v: isinstance(v, str) and Path(v).expanduser().exists()) = None
+    images: rule("an existing image file or folder",
+                 lambda v: isinstance(v, str) and Path(v).expanduser().exists()) = None
     top_k: Count = None
     batch_size: Count = None
     num_workers: Workers = None

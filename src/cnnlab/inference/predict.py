@@ -130,7 +130,8 @@ def write_results(directory: Path, results: dict) -> None:
         writer = csv.writer(file)
         writer.writerow(["path", *[f"{name}_{rank}" for rank in range(1, k + 1) for name in ("class", "probability")]])
         for row in results["predictions"]:
-            writer.writerow([row["path"], *[value for top in row["top_k"] for value in (top["class"], top["probability"])]])
+            ranked = [value for top in row["top_k"] for value in (top["class"], top["probability"])]
+            writer.writerow([row["path"], *ranked])
 
 
 def report(results: dict, shown: int, directory: Path) -> None:

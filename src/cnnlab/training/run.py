@@ -105,8 +105,8 @@ def build(cfg: DictConfig) -> tuple[ImageDataModule, ImageClassifier]:
 
 def warn_if_normalised_unlike_the_weights(model: DictConfig, datamodule: ImageDataModule) -> None:
     """The data's normalisation follows published weights (``from_weights`` in conf/data/); a user who set
-    data.mean or data.std to something else is told, once: the pretrained layers then see inputs unlike
-    those they learnt from (a GoogLeNet fed ImageNet-normalised pixels instead of [-1, 1] loses accuracy)."""
+    data.mean or data.std to something else is told, once: the pretrained layers then see inputs scaled
+    unlike those they learnt from (GoogLeNet's learnt on [-1, 1], the others on ImageNet's statistics)."""
     entry = published_weights(model)
     if entry is None:
         return
@@ -207,7 +207,8 @@ def report_test_split(checkpoint: str, datamodule: ImageDataModule, folder: Path
     module = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
     loader = view_loader(datamodule.cache.split("test"), tta_views(datamodule.image_size),
                          datamodule.eval_batch_size, datamodule.loader_workers)
-    probabilities, labels = predict(module, loader, {"plain": slice(0, 1)}, "cuda" if torch.cuda.is_available() else "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    probabilities, labels = predict(module, loader, {"plain": slice(0, 1)}, device)
     return write_reports(folder, probabilities["plain"], labels, module.classes)
 
 
