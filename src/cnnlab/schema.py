@@ -93,6 +93,8 @@ PathText = rule("a path", lambda v: isinstance(v, str) and v != "" or is_integer
 ChannelMeans = rule("a list of 3 numbers (one per RGB channel)", lambda v: is_numbers(v, 3))
 ChannelStds = rule("a list of 3 numbers > 0 (one per RGB channel)",
                    lambda v: is_numbers(v, 3, lambda s: is_number(s) and s > 0))
+Checkpoint = rule("an existing checkpoint file or runs:/<mlflow run id>",
+                  lambda v: is_existing_file(v) or is_run_reference(v))
 ExistingFolder = rule("an existing folder", lambda v: isinstance(v, str) and Path(v).expanduser().is_dir())
 
 
@@ -402,8 +404,7 @@ class Train(Tracked):
 
 
 class Evaluate(Tracked):
-    ckpt: rule("an existing checkpoint file or runs:/<mlflow run id>",
-               lambda v: is_existing_file(v) or is_run_reference(v)) = None
+    ckpt: Checkpoint = None
     data: Data = None
     tta: Tta = None
     evaluate: EvaluateOptions = None
@@ -435,8 +436,7 @@ class Predict(Tracked):
 
 
 class Export(Tracked):
-    ckpt: rule("an existing checkpoint file or runs:/<mlflow run id>",
-               lambda v: is_existing_file(v) or is_run_reference(v)) = None
+    ckpt: Checkpoint = None
     format: rule("onnx", lambda v: v == "onnx") = None
     quantize: rule("null or int8", lambda v: v is None or v == "int8") = None
     calibration_images: Count = None

@@ -39,6 +39,17 @@ def load_checkpoint(reference: str) -> tuple[ImageClassifier, str | None]:
     return ImageClassifier.load_from_checkpoint(path, map_location="cpu"), train_run_id
 
 
+def data_for(module: ImageClassifier, data: DictConfig, script: str):
+    """The data module ``data`` describes, its cache prepared (its classes, its splits), refused in one line
+    when its classes are not the checkpoint's (``script``: what the user runs, named in the advice)."""
+    datamodule = instantiate(data)
+    datamodule.prepare_data()
+    if module.classes != datamodule.classes:
+        raise ConfigError(f"the checkpoint's classes {module.classes} differ from the data's "
+                          f"{datamodule.classes}: {script} with the data settings it was trained with")
+    return datamodule
+
+
 def view_groups(mode: str, tta: Mapping, image_size: int) -> tuple[list, dict[str, slice]]:
     """Each image's views and which of them each reported mode averages.
 
@@ -61,11 +72,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     module, train_run_id = load_checkpoint(str(cfg.ckpt))
     with tracking.tracked_run(cfg, "evaluate", tags={"cnnlab.train_run_id": train_run_id} if train_run_id else {},
                               trainer=False) as logger:
-        datamodule = instantiate(cfg.data)
-        datamodule.prepare_data()  # the cache: its classes and its test split
-        if module.classes != datamodule.classes:
-            raise ConfigError(f"the checkpoint's classes {module.classes} differ from the data's "
-                              f"{datamodule.classes}: evaluate with the data settings it was trained with")
+        datamodule = data_for(module, cfg.data, "evaluate")
         mode = cfg.evaluate.mode
         views, groups = view_groups(mode, OmegaConf.to_container(cfg.tta, resolve=True), cfg.evaluate.image_size)
         loader = view_loader(datamodule.cache.split("test"), views, cfg.evaluate.batch_size,

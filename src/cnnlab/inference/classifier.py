@@ -41,18 +41,23 @@ def load_classifier(reference: str, device: str = "cpu") -> Classifier:
     from ..evaluation.evaluate import load_checkpoint
 
     module, train_run_id = load_checkpoint(str(reference))
-    hparams = module.hparams
-    if hparams.get("image_size") is None:
-        raise ConfigError(f"{reference} does not say its image size (a training older than predict.py): "
-                          "train it again, or score it with src/evaluate.py on its prepared test split")
+    image_size, stored_size = recorded_sizes(module, str(reference))
     module.eval().to(device)
 
     @torch.inference_mode()
     def run(images: torch.Tensor) -> torch.Tensor:
         return module(images.to(device, non_blocking=True)).float().cpu()
 
-    return Classifier(module.classes, int(hparams.image_size), int(hparams.stored_size), str(reference),
-                      train_run_id, run)
+    return Classifier(module.classes, image_size, stored_size, str(reference), train_run_id, run)
+
+
+def recorded_sizes(module, reference: str) -> tuple[int, int]:
+    """(image_size, stored_size) a checkpoint's training recorded; refused for checkpoints that predate them."""
+    hparams = module.hparams
+    if hparams.get("image_size") is None:
+        raise ConfigError(f"{reference} does not say its image size (a training older than predict.py): "
+                          "train it again, or score it with src/evaluate.py on its prepared test split")
+    return int(hparams.image_size), int(hparams.stored_size)
 
 
 def onnx_session(path: Path):

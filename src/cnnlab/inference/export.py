@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
@@ -27,7 +26,7 @@ from ..data.augment import eval_transform
 from ..data.datamodule import to_tensor
 from ..errors import ConfigError
 from ..files import write_text
-from .classifier import ONNX_INPUT, onnx_classifier, onnx_runner, onnx_session
+from .classifier import ONNX_INPUT, onnx_classifier, onnx_runner, onnx_session, recorded_sizes
 
 log = logging.getLogger(__name__)
 
@@ -123,16 +122,14 @@ def onnx_accuracy(path: Path, images: np.ndarray, labels: np.ndarray, batch_size
 
 def export(cfg: DictConfig) -> dict:
     """Export ``cfg.ckpt`` to ``cfg.output_dir``/model.onnx (and model.int8.onnx), check, score and track it."""
-    from ..evaluation.evaluate import load_checkpoint
+    from ..evaluation.evaluate import data_for, load_checkpoint
 
     tracking.use_store(cfg.tracking_uri, cfg.paths.mlflow_db)
     module, train_run_id = load_checkpoint(str(cfg.ckpt))
-    hparams = module.hparams
-    if hparams.get("image_size") is None:
-        raise ConfigError(f"{cfg.ckpt} does not say its image size (a training older than export.py): train it again")
-    size, out = int(hparams.image_size), Path(cfg.output_dir)
+    size, stored_size = recorded_sizes(module, str(cfg.ckpt))
+    hparams, out = module.hparams, Path(cfg.output_dir)
     metadata = {"cnnlab.classes": json.dumps(module.classes), "cnnlab.image_size": str(size),
-                "cnnlab.stored_size": str(hparams.stored_size), "cnnlab.mean": json.dumps(list(hparams.mean)),
+                "cnnlab.stored_size": str(stored_size), "cnnlab.mean": json.dumps(list(hparams.mean)),
                 "cnnlab.std": json.dumps(list(hparams.std)), "cnnlab.model": module.net.name,
                 "cnnlab.input": "uint8 RGB images (N, 3, H, W), pixels 0-255; normalised inside the model",
                 "cnnlab.train_run_id": train_run_id or ""}
@@ -144,11 +141,7 @@ def export(cfg: DictConfig) -> dict:
                           f"(more than {TOLERANCE:g}); the export is wrong, please report it")
     log.info(f"onnxruntime agrees with PyTorch within {difference:.1e} on random images")
 
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    if module.classes != datamodule.classes:
-        raise ConfigError(f"the checkpoint's classes {module.classes} differ from the data's {datamodule.classes}: "
-                          "export with the data settings it was trained with")
+    datamodule = data_for(module, cfg.data, "export")
     test_images, test_labels = prepared_images(datamodule.cache.split("test"), size)
     summary = {"checkpoint": str(cfg.ckpt), "train_run_id": train_run_id, "model": module.net.name,
                "image_size": size, "opset": cfg.opset, "max_abs_difference": difference,
